@@ -1,0 +1,36 @@
+"""Result records: every number slimlm prints travels with the settings that produced it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass
+class Record:
+    """One measured figure.
+
+    `task` groups figures (``wikitext2``, ``speed``, ``size``, ``piqa``...), `metric` names the figure inside
+    the task (``perplexity``, ``kl_divergence``, ``decode_tokens_per_s``...). `protocol` holds every setting
+    needed to reproduce it (data file and sha256, seq_len, windows, tokens, threads, dtype...).
+    `value` is None when the figure could not be measured; `note` then says why (e.g. "no energy counter").
+    """
+
+    task: str
+    metric: str
+    value: float | None
+    unit: str = ""
+    higher_is_better: bool | None = None
+    protocol: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Record":
+        return cls(**data)
+
+    def protocol_line(self) -> str:
+        """The protocol as one human-readable line, printed beside the number."""
+        return ", ".join(f"{k}={v}" for k, v in self.protocol.items())
