@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -35,3 +36,11 @@ def cache_dir() -> Path:
     path = Path(os.environ.get(_CACHE_ENV) or Path.home() / ".cache" / "slimlm").expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

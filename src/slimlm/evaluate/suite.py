@@ -1,0 +1,50 @@
+"""One call that measures a model the way every report needs it: quality, size, memory, speed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from slimlm.data import NAMED_SOURCES, load_text
+from slimlm.evaluate.records import Record
+
+PERPLEXITY_TASKS = NAMED_SOURCES  # wikitext2, wikitext2-valid, c4: scored with slimlm's fixed-window protocol
+
+
+def is_perplexity_task(task: str) -> bool:
+    return task in PERPLEXITY_TASKS or Path(task).suffix in (".txt", ".raw", ".jsonl", ".parquet")
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    config,
+    reference=None,
+    model_path: str | Path | None = None,
+    footprint: bool = True,
+) -> list[Record]:
+    """Run the recipe's evaluation (`config` is a recipe.EvaluateConfig) and return every figure as a Record.
+
+    `reference` (the original model) adds KL divergence and top-1 agreement to each perplexity task.
+    `model_path` is what was saved (folder or GGUF file), for size on disk.
+    """
+    from slimlm.evaluate import footprint as footprint_module
+    from slimlm.evaluate.perplexity import perplexity_records
+
+    records: list[Record] = []
+    for task in config.tasks:
+        if is_perplexity_task(task):
+            records += perplexity_records(
+                model, tokenizer, load_text(task), task, config.seq_len, config.limit, reference
+            )
+    harness_tasks = [task for task in config.tasks if not is_perplexity_task(task)]
+    if harness_tasks:
+        from slimlm.evaluate.tasks import run_tasks
+
+        records += run_tasks(model, tokenizer, harness_tasks, limit=config.task_limit)
+    if footprint:
+        records += footprint_module.footprint_records(model, model_path)
+    if config.speed:
+        from slimlm.evaluate.speed import measure_speed
+
+        records += measure_speed(model, tokenizer, prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens)
+    return records

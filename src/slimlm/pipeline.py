@@ -1,0 +1,201 @@
+"""Run a recipe: evaluate the original (cached), apply each stage, save and evaluate after each, write the report.
+
+Layout of the output folder::
+
+    state.json            what has finished (written atomically after every stage; --resume reads it)
+    stages/01-prune/      the model after stage 1 (safetensors + config + tokenizer + slimlm_stage.json)
+    model/                the final model (hard links to the last stage's files)
+    report.md, report.json, plots/*.png
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from slimlm import __version__
+from slimlm.errors import SlimlmError
+from slimlm.evaluate.records import Record
+from slimlm.models import LoadedModel, load_model, save_model, source_fingerprint
+from slimlm.paths import cache_dir
+from slimlm.recipe import EvaluateConfig, Recipe
+from slimlm.registry import StageContext, get_stage
+
+STATE_FILE = "state.json"
+STAGE_META_FILE = "slimlm_stage.json"
+# Bump when evaluation code changes what a cached figure means.
+EVAL_CACHE_VERSION = "1"
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunState:
+    fingerprint: str
+    completed: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, out_dir: Path) -> "RunState | None":
+        path = out_dir / STATE_FILE
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        return cls(data["fingerprint"], data["completed"])
+
+    def save(self, out_dir: Path) -> None:
+        write_json_atomic(out_dir / STATE_FILE, {"fingerprint": self.fingerprint, "completed": self.completed})
+
+
+def evaluate_measured(model, tokenizer, config: EvaluateConfig, reference, model_path) -> list[Record]:
+    """Evaluation plus the peak memory it took."""
+    from slimlm.evaluate.footprint import PeakMemory, peak_memory_record
+    from slimlm.evaluate.suite import evaluate_model
+
+    with PeakMemory() as peak:
+        records = evaluate_model(model, tokenizer, config, reference=reference, model_path=model_path)
+    return records + [peak_memory_record(peak, "eval")]
+
+
+def evaluate_original(loaded: LoadedModel, config: EvaluateConfig) -> tuple[list[Record], bool]:
+    """The original's figures, cached by weights hash and evaluation protocol: later runs do not pay again."""
+    key_source = json.dumps(
+        {"weights": source_fingerprint(loaded.source), "protocol": config.model_dump(mode="json"),
+         "dtype": str(loaded.model.dtype), "version": EVAL_CACHE_VERSION},
+        sort_keys=True,
+    )
+    import hashlib
+
+    path = cache_dir() / "evals" / f"{hashlib.sha256(key_source.encode()).hexdigest()[:24]}.json"
+    if path.is_file():
+        return [Record.from_dict(r) for r in json.loads(path.read_text())], True
+    records = evaluate_measured(loaded.model, loaded.tokenizer, config, None, loaded.source.weights_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, [r.to_dict() for r in records])
+    return records, False
+
+
+def _stage_label(index: int, name: str) -> str:
+    return f"{index:02d}-{name}"
+
+
+def _link_final_model(stage_folder: Path, final: Path) -> None:
+    """The final model folder shares the last stage's files (hard links), so it costs no extra disk."""
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    for file in stage_folder.iterdir():
+        try:
+            os.link(file, tmp / file.name)
+        except OSError:
+            shutil.copy2(file, tmp / file.name)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+class Pipeline:
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        self.recipe = recipe
+        self.out = Path(recipe.output)
+        self.resume = resume
+
+    def _initial_state(self) -> RunState:
+        fingerprint = self.recipe.fingerprint()
+        previous = RunState.load(self.out) if self.resume else None
+        if self.resume and previous is None:
+            raise SlimlmError(f"--resume: {self.out / STATE_FILE} not found; nothing to resume")
+        if previous is not None and previous.fingerprint != fingerprint:
+            raise SlimlmError(
+                f"--resume: {self.out} holds a run of a different recipe; use another output folder or drop --resume"
+            )
+        return previous or RunState(fingerprint)
+
+    def run(self) -> dict:
+        state = self._initial_state()
+        self.out.mkdir(parents=True, exist_ok=True)
+        state.save(self.out)
+        loaded = load_model(self.recipe.model, self.recipe.dtype)
+        original_records, cached = evaluate_original(loaded, self.recipe.evaluate)
+        model = self._starting_model(loaded, state)
+        context = StageContext(loaded.tokenizer, self.recipe.calibration, self.out / "scratch", lambda: loaded.model)
+        for index, stage in enumerate(self.recipe.stages, start=1):
+            if index <= len(state.completed):
+                continue
+            model = self._run_stage(index, stage, model, loaded, context, state)
+        self._write_final_model(loaded, state)
+        summary = self._summary(loaded, original_records, cached, state)
+        from slimlm.report import write_report
+
+        write_report(summary, self.out)
+        return summary
+
+    def _starting_model(self, loaded: LoadedModel, state: RunState):
+        if state.completed:
+            folder = self.out / state.completed[-1]["folder"]
+            return load_model(str(folder), self.recipe.dtype).model
+        # Stages change weights in place; the loaded original stays untouched as the reference and teacher.
+        return copy.deepcopy(loaded.model)
+
+    def _run_stage(self, index, stage, model, loaded, context, state):
+        from slimlm.evaluate.footprint import PeakMemory, peak_memory_record
+
+        spec = get_stage(stage.name)
+        label = _stage_label(index, stage.name)
+        context.notes = []
+        started = time.perf_counter()
+        with PeakMemory() as peak:
+            model = spec.apply(model, stage.options, context) or model
+        seconds = time.perf_counter() - started
+        notes = list(context.notes)
+        folder = self.out / "stages" / label
+        meta = {"stage": stage.name, "options": stage.options.model_dump(mode="json"), "seconds": seconds, "notes": notes}
+        save_model(model, loaded.tokenizer, folder, extra_json={STAGE_META_FILE: meta})
+        records = evaluate_measured(model, loaded.tokenizer, self.recipe.evaluate, loaded.model, folder)
+        records.append(peak_memory_record(peak, "stage"))
+        state.completed.append(
+            {"index": index, "name": stage.name, "label": label, "folder": f"stages/{label}", "seconds": seconds,
+             "options": meta["options"], "notes": notes, "records": [r.to_dict() for r in records]}
+        )
+        state.save(self.out)
+        return model
+
+    def _write_final_model(self, loaded: LoadedModel, state: RunState) -> None:
+        final = self.out / "model"
+        if state.completed:
+            _link_final_model(self.out / state.completed[-1]["folder"], final)
+        else:
+            save_model(loaded.model, loaded.tokenizer, final)
+
+    def _summary(self, loaded, original_records, cached, state) -> dict:
+        from slimlm.evaluate.machine import machine_info
+
+        return {
+            "slimlm_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "recipe": self.recipe.to_yaml_dict(),
+            "machine": machine_info(),
+            "original": {
+                "name": "original",
+                "description": loaded.source.description,
+                "source": loaded.source.spec,
+                "path": loaded.source.weights_path,
+                "records": [r.to_dict() for r in original_records],
+                "cached": cached,
+            },
+            "stages": state.completed,
+            "model_folder": "model",
+        }
+
+
+def run_recipe(recipe: Recipe, resume: bool = False) -> dict:
+    return Pipeline(recipe, resume).run()

@@ -1,0 +1,132 @@
+"""The YAML recipe: what to load, how to calibrate and evaluate, which stages to run, where to write.
+
+Validation happens before any model is loaded, and every error names the YAML path of the bad field, e.g.
+``stages[0].prune.sparsity: must be in [0, 1)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slimlm.errors import SlimlmError
+from slimlm.registry import StageOptions, get_stage, stage_names
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CalibrationConfig(_Strict):
+    data: str = Field("c4", description="named set (c4, wikitext2, wikitext2-valid), a file, or 'self' (data-free)")
+    samples: int = Field(128, ge=1, le=100_000)
+    seq_len: int = Field(2048, ge=8, le=1_000_000)
+    seed: int = 0
+
+
+class EvaluateConfig(_Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["wikitext2"])
+    seq_len: int = Field(2048, ge=8, le=1_000_000)
+    limit: int | None = Field(None, ge=1, description="perplexity windows to use (None: the whole split)")
+    task_limit: int | None = Field(None, ge=1, description="documents per downstream task (None: all)")
+    speed: bool = True
+    prompt_tokens: int = Field(128, ge=1)
+    new_tokens: int = Field(64, ge=1)
+
+
+class Stage(_Strict):
+    """A validated stage: its registered name and its options."""
+
+    name: str
+    options: StageOptions
+
+
+class Recipe(_Strict):
+    model: str
+    dtype: str = "float32"
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    stages: list[Stage] = Field(default_factory=list)
+    output: str = "runs/slimlm"
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        if value not in _DTYPES:
+            raise ValueError(f"must be one of {', '.join(_DTYPES)}")
+        return value
+
+    def fingerprint(self) -> str:
+        """Identifies what the run computes, so --resume refuses to continue a different recipe."""
+        payload = self.model_dump(mode="json", exclude={"output"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"stages"})
+        data["stages"] = [{stage.name: stage.options.model_dump(mode="json")} for stage in self.stages]
+        return data
+
+
+def format_validation_error(error: ValidationError, prefix: str = "") -> str:
+    """One line per problem, each starting with the YAML path of the field."""
+    lines = []
+    for item in error.errors():
+        path = prefix
+        for part in item["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown option"
+        lines.append(f"{path or 'recipe'}: {message}")
+    return "; ".join(lines)
+
+
+def _parse_stage(index: int, entry: Any) -> Stage:
+    where = f"stages[{index}]"
+    if not isinstance(entry, dict) or len(entry) != 1:
+        raise SlimlmError(f"{where}: expected a mapping with one stage name, e.g. '- prune: {{sparsity: 0.5}}'")
+    name, options = next(iter(entry.items()))
+    spec = get_stage(name)
+    if spec is None:
+        raise SlimlmError(f"{where}: unknown stage '{name}'; known stages: {', '.join(stage_names())}")
+    if options is not None and not isinstance(options, dict):
+        raise SlimlmError(f"{where}.{name}: expected a mapping of options")
+    try:
+        return Stage(name=name, options=spec.options.model_validate(options or {}))
+    except ValidationError as err:
+        raise SlimlmError(format_validation_error(err, prefix=f"{where}.{name}")) from err
+
+
+def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
+    if not isinstance(data, dict):
+        raise SlimlmError(f"{source}: expected a mapping at the top level")
+    raw_stages = data.get("stages") or []
+    if not isinstance(raw_stages, list):
+        raise SlimlmError("stages: expected a list of stages")
+    stages = [_parse_stage(i, entry) for i, entry in enumerate(raw_stages)]
+    try:
+        recipe = Recipe.model_validate({**data, "stages": []})
+    except ValidationError as err:
+        raise SlimlmError(format_validation_error(err)) from err
+    recipe.stages = stages
+    return recipe
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise SlimlmError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SlimlmError(f"{where}: not valid YAML ({getattr(err, 'problem', err)})") from err
+    return parse_recipe(data, str(path))
