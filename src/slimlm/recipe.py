@@ -65,7 +65,8 @@ class Recipe(_Strict):
 
     def fingerprint(self) -> str:
         """Identifies what the run computes, so --resume refuses to continue a different recipe."""
-        payload = self.model_dump(mode="json", exclude={"output"})
+        payload = self.to_yaml_dict()
+        payload.pop("output")
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml_dict(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ to lm-eval's own registry as is.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import sys
@@ -47,7 +48,8 @@ def run_tasks(
     with _quiet_harness():
         from lm_eval.models.huggingface import HFLM
 
-        manager = _task_manager(tasks, data_dir)
+        needs_lm_eval_registry = any(task not in BUILTIN_TASKS for task in tasks)
+        manager = _task_manager(needs_lm_eval_registry, str(data_dir) if data_dir else None)
         _check_known(tasks, manager)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         for task in tasks:
@@ -67,13 +69,14 @@ def _check_arguments(tasks: list[str], limit: int | None, batch_size: int) -> No
         raise SlimlmError(f"tasks must not repeat, got {', '.join(tasks)}")
 
 
-def _task_manager(tasks: list[str], data_dir: Path | None) -> Any:
+@functools.cache
+def _task_manager(needs_lm_eval_registry: bool, data_dir: str | None) -> Any:
+    """One TaskManager per setting, kept: indexing lm-eval's thousands of bundled YAMLs takes ~10 s, so that
+    registry is only indexed when a task needs it, and only once per process."""
     from lm_eval.tasks import TaskManager
 
-    # Indexing lm-eval's thousands of bundled YAMLs takes ~10 s: only do it when a task needs that registry.
-    needs_lm_eval_registry = any(task not in BUILTIN_TASKS for task in tasks)
     # TaskManager metadata reaches every task's `custom_dataset` loader (see tasks/utils.py).
-    metadata = {"data_dir": str(data_dir)} if data_dir else None
+    metadata = {"data_dir": data_dir} if data_dir else None
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_lm_eval_registry, metadata=metadata)
 
 

@@ -1,0 +1,165 @@
+"""Prefill latency, greedy decode throughput and (where a counter exists) energy per decoded token.
+
+Protocol (pinned, printed with every number): batch 1; the prompt is a fixed English paragraph tokenized without
+special tokens and repeated/cut to exactly `prompt_tokens` tokens (random ids from a seeded generator when no
+tokenizer is given). Each run is one forward over the prompt with a fresh DynamicCache (timed: prefill), then
+`new_tokens` single-token forwards feeding back the argmax through the cache (timed together: decode). No EOS
+check, so every run decodes exactly `new_tokens` tokens. Warm-up runs are discarded; figures are medians.
+Energy is read from RAPL or NVML over the decode steps only; without a counter the figure is None, never guessed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from slimlm.evaluate.machine import EnergyCounter, energy_counter
+from slimlm.evaluate.records import Record
+
+PROMPT_TEXT = (
+    "The history of the printing press begins in the middle of the fifteenth century, when Johannes Gutenberg, "
+    "a goldsmith from Mainz, combined movable metal type, oil-based ink and a screw press adapted from those "
+    "used to make wine. Books had been copied by hand for centuries, a slow and costly craft that kept reading "
+    "the privilege of monasteries, universities and the wealthy. Within fifty years, presses were running in "
+    "more than two hundred European towns, and millions of volumes had been printed. Cheaper books spread new "
+    "ideas about science, religion and government faster than any authority could control them, and the habit "
+    "of reading slowly moved from the few to the many."
+)
+
+
+@dataclass
+class DecodeRun:
+    """One timed run: prefill seconds, decode seconds, tokens produced by the decode steps, energy if measured."""
+
+    prefill_seconds: float
+    decode_seconds: float
+    decoded_ids: list[int] = field(default_factory=list)
+    decode_joules: float | None = None
+
+
+def prompt_ids(tokenizer, prompt_tokens: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """Exactly `prompt_tokens` ids, shape (1, prompt_tokens): the paragraph repeated, or seeded random ids."""
+    if tokenizer is None:
+        generator = torch.Generator().manual_seed(seed)
+        return torch.randint(0, vocab_size, (1, prompt_tokens), generator=generator)
+    # Repeat the text before tokenizing (not the ids after) so every token boundary is one real text would have.
+    repeats = 1
+    while True:
+        text = " ".join([PROMPT_TEXT] * repeats)
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if len(ids) >= prompt_tokens:
+            break
+        repeats = max(repeats + 1, (repeats * prompt_tokens) // max(1, len(ids)) + 1)
+    return torch.tensor([ids[:prompt_tokens]], dtype=torch.long)
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _dtype_of(model) -> torch.dtype:
+    floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+    return floating[0] if floating else next(model.parameters()).dtype
+
+
+def _clock(device: torch.device) -> float:
+    # CUDA kernels run asynchronously: wait for them, or the clock measures only the launches.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def greedy_decode(
+    model, input_ids: torch.Tensor, new_tokens: int, counter: EnergyCounter | None = None
+) -> DecodeRun:
+    """Prefill `input_ids`, then decode `new_tokens` tokens greedily through the KV cache, timing each phase."""
+    device = input_ids.device
+    cache = DynamicCache(config=model.config)
+    start = _clock(device)
+    # Only the last position's logits are needed, as in generate(); the full prompt x vocab matrix is not.
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    next_token = logits[:, -1:].argmax(dim=-1)
+    prefill_seconds = _clock(device) - start
+
+    decoded = []
+    energy_start = counter.sample() if counter is not None else None
+    start = _clock(device)
+    for _ in range(new_tokens):
+        logits = model(input_ids=next_token, past_key_values=cache, use_cache=True).logits
+        next_token = logits[:, -1:].argmax(dim=-1)
+        decoded.append(next_token)
+    decode_seconds = _clock(device) - start
+    joules = counter.joules_since(energy_start) if counter is not None else None
+    decoded_ids = torch.cat(decoded, dim=1)[0].tolist() if decoded else []
+    return DecodeRun(prefill_seconds, decode_seconds, decoded_ids, joules)
+
+
+def _spread(values: list[float], fmt: str) -> str:
+    return f"runs min {min(values):{fmt}} max {max(values):{fmt}}"
+
+
+def _energy_record(runs: list[DecodeRun], counter: EnergyCounter | None, protocol: dict) -> Record:
+    metric = "decode_joules_per_token"
+    if counter is None:
+        return Record("speed", metric, None, "J/token", False, dict(protocol), note="no energy counter")
+    joules = [run.decode_joules / len(run.decoded_ids) for run in runs]
+    energy_protocol = {**protocol, "energy_counter": counter.name, "energy_scope": counter.scope}
+    return Record("speed", metric, statistics.median(joules), "J/token", False, energy_protocol, _spread(joules, ".4g"))
+
+
+@torch.inference_mode()
+def measure_speed(
+    model,
+    tokenizer,
+    prompt_tokens: int = 128,
+    new_tokens: int = 64,
+    runs: int = 5,
+    warmup: int = 1,
+    seed: int = 0,
+    kernel: str = "dense",
+) -> list[Record]:
+    """Prefill ms and tokens/s, decode tokens/s and decode J/token of `model` at batch 1 (see module doc)."""
+    if prompt_tokens < 1 or new_tokens < 1 or runs < 1:
+        raise ValueError("prompt_tokens, new_tokens and runs must be at least 1")
+    model.eval()
+    device = _device_of(model)
+    input_ids = prompt_ids(tokenizer, prompt_tokens, model.config.vocab_size, seed).to(device)
+    counter = energy_counter(device)
+    torch.manual_seed(seed)
+    for _ in range(warmup):
+        greedy_decode(model, input_ids, new_tokens)
+    timed = [greedy_decode(model, input_ids, new_tokens, counter) for _ in range(runs)]
+
+    protocol = {
+        "prompt_tokens": prompt_tokens,
+        "prompt": "fixed English paragraph" if tokenizer is not None else f"random ids (seed {seed})",
+        "new_tokens": new_tokens,
+        "runs": runs,
+        "warmup": warmup,
+        "statistic": "median",
+        "threads": torch.get_num_threads(),
+        "dtype": str(_dtype_of(model)).removeprefix("torch."),
+        "device": str(device),
+        "batch": 1,
+        "kernel": kernel,
+        "decoding": "greedy, KV cache, no EOS stop, prefill logits of the last position only",
+    }
+    prefill_ms = [run.prefill_seconds * 1e3 for run in timed]
+    prefill_rate = [prompt_tokens / run.prefill_seconds for run in timed]
+    decode_rate = [len(run.decoded_ids) / run.decode_seconds for run in timed]
+    return [
+        Record("speed", "prefill_ms", statistics.median(prefill_ms), "ms", False, dict(protocol), _spread(prefill_ms, ".1f")),
+        Record(
+            "speed", "prefill_tokens_per_s", statistics.median(prefill_rate), "tokens/s", True, dict(protocol),
+            _spread(prefill_rate, ".1f"),
+        ),
+        Record(
+            "speed", "decode_tokens_per_s", statistics.median(decode_rate), "tokens/s", True, dict(protocol),
+            _spread(decode_rate, ".2f"),
+        ),
+        _energy_record(timed, counter, protocol),
+    ]

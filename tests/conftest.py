@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny LLaMA models built from a config, with a small BPE tokenizer trained on the spot."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("SLIMLM_NO_PROGRESS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+_TRAINING_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Language models predict the next token. "
+    "Pruning removes weights; quantization stores them with fewer bits. Distillation teaches a small student. "
+    "Perplexity measures how surprised a model is by text it has not seen before. "
+) * 20
+
+
+def build_tokenizer(vocab_size: int = 300):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    core.train_from_iterator([_TRAINING_TEXT], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, tie: bool = True):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, tie_word_embeddings=tie, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    return build_tiny_llama(len(tiny_tokenizer))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
+    from slimlm.models import save_model
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama"
+    save_model(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """The test session has a cache of its own: nothing read from or left in the user's cache."""
+    monkeypatch.setenv("SLIMLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "slimlm-cache"))
