@@ -53,6 +53,8 @@ def prompt_ids(tokenizer, prompt_tokens: int, vocab_size: int, seed: int = 0) ->
         ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
         if len(ids) >= prompt_tokens:
             break
+        if not ids:
+            raise ValueError("the tokenizer turned the prompt paragraph into no tokens")
         repeats = max(repeats + 1, (repeats * prompt_tokens) // max(1, len(ids)) + 1)
     return torch.tensor([ids[:prompt_tokens]], dtype=torch.long)
 
