@@ -10,6 +10,7 @@ Energy is read from RAPL or NVML over the decode steps only; without a counter t
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -128,6 +129,8 @@ def measure_speed(
     if prompt_tokens < 1 or new_tokens < 1 or runs < 1:
         raise ValueError("prompt_tokens, new_tokens and runs must be at least 1")
     model.eval()
+    # Other busy processes slow every figure below; the load average on entry lets a reader spot that.
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     device = _device_of(model)
     input_ids = prompt_ids(tokenizer, prompt_tokens, model.config.vocab_size, seed).to(device)
     counter = energy_counter(device)
@@ -148,6 +151,7 @@ def measure_speed(
         "device": str(device),
         "batch": 1,
         "kernel": kernel,
+        "load_avg_1min_before": load_before,
         "decoding": "greedy, KV cache, no EOS stop, prefill logits of the last position only",
     }
     prefill_ms = [run.prefill_seconds * 1e3 for run in timed]

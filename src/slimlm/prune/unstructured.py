@@ -1,8 +1,11 @@
 """The `prune` stage: unstructured and N:M sparsity from per-weight importance scores.
 
-A scoring method is a function ``scores(model, options, context) -> iterator`` registered in `PRUNE_METHODS`;
-magnitude needs no calibration data. Masks are applied in place (weights set to zero): dense kernels gain no speed
-from this, the report counts the size a sparse storage format would take.
+A pruning method is a function ``prune(model, options, context)`` registered in `PRUNE_METHODS`: magnitude needs no
+calibration data, Wanda and SparseGPT walk the calibration windows layer by layer (wanda.py, sparsegpt.py). How much
+each decoder layer is pruned is the allocation's business (`ALLOCATIONS`): the same target everywhere, or OWL's
+outlier-weighted sparsities (owl.py); every method asks `layer_sparsities` and prunes each matrix of layer l to the
+l-th value. Masks are applied in place (weights set to zero): dense kernels gain no speed from this, the report
+counts the size a sparse storage format would take.
 """
 
 from __future__ import annotations
@@ -10,14 +13,16 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from slimlm.modules import named_decoder_linears
+from slimlm.modules import decoder_layers, layer_linears
 from slimlm.prune.masks import nm_mask, parse_pattern, unstructured_mask
 from slimlm.registry import StageOptions, register_stage
 
 # method name -> function(model, options, context) that prunes the model in place
 PRUNE_METHODS: dict[str, Callable] = {}
+# allocation name -> function(model, options, context) -> sparsity of each decoder layer
+ALLOCATIONS: dict[str, Callable] = {}
 
 
 def register_prune_method(name: str):
@@ -28,14 +33,26 @@ def register_prune_method(name: str):
     return decorate
 
 
+def register_allocation(name: str):
+    def decorate(fn: Callable) -> Callable:
+        ALLOCATIONS[name] = fn
+        return fn
+
+    return decorate
+
+
 class PruneOptions(StageOptions):
     method: str = "magnitude"
     sparsity: float = 0.5
     pattern: str = "unstructured"
     allocation: Literal["uniform", "owl"] = "uniform"
-    # Wanda/SparseGPT settings, ignored by magnitude
+    # SparseGPT settings, ignored by the other methods
     blocksize: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0, lt=1)
+    # OWL settings, used with allocation: owl: a score is an outlier above owl_threshold × its layer's mean score,
+    # and layer sparsities spread over about target ± owl_lambda
+    owl_threshold: float = Field(5.0, gt=0)
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5)
 
     @field_validator("method")
     @classmethod
@@ -64,6 +81,24 @@ class PruneOptions(StageOptions):
             raise ValueError(f"N:M needs 0 < N < M, got {value}")
         return value
 
+    # Field validators that look at earlier fields (info.data) so that the error names the field at fault;
+    # an earlier field that failed its own validation is absent from info.data and is reported on its own.
+    @field_validator("allocation")
+    @classmethod
+    def _owl_needs_unstructured(cls, value: str, info: ValidationInfo) -> str:
+        pattern = info.data.get("pattern", "unstructured")
+        if value == "owl" and pattern != "unstructured":
+            raise ValueError(f"owl allocates unstructured sparsity only; N:M ({pattern}) is the same in every layer")
+        return value
+
+    @field_validator("blocksize")
+    @classmethod
+    def _blocks_hold_whole_groups(cls, value: int, info: ValidationInfo) -> int:
+        nm = parse_pattern(info.data.get("pattern", "unstructured"))
+        if info.data.get("method") == "sparsegpt" and nm is not None and value % nm[1]:
+            raise ValueError(f"must be a multiple of M={nm[1]} for sparsegpt with pattern {nm[0]}:{nm[1]}")
+        return value
+
     @model_validator(mode="after")
     def _pattern_sets_sparsity(self):
         nm = parse_pattern(self.pattern)
@@ -83,21 +118,45 @@ def apply_mask(weight: torch.Tensor, scores: torch.Tensor, options: PruneOptions
     return mask
 
 
+def layer_sparsities(model, options: PruneOptions, context) -> list[float]:
+    """The sparsity every matrix of each decoder layer is pruned to, as the options' allocation decides."""
+    return ALLOCATIONS[options.allocation](model, options, context)
+
+
+@register_allocation("uniform")
+def uniform_allocation(model, options: PruneOptions, context) -> list[float]:
+    return [options.sparsity] * len(decoder_layers(model))
+
+
+def calibration_windows(model, context) -> torch.Tensor:
+    """The recipe's calibration windows; the first call notes what they are (later calls get the same windows)."""
+    windows = context.calibration_windows(model)
+    cfg = context.calibration
+    note = f"calibration: {windows.shape[0]} windows × {windows.shape[1]} tokens of {cfg.data} (seed {cfg.seed})"
+    if note not in context.notes:
+        context.notes.append(note)
+    return windows
+
+
 @register_prune_method("magnitude")
 @torch.no_grad()
 def magnitude_prune(model, options: PruneOptions, context) -> None:
-    """Drop the smallest |W| of every decoder Linear (each matrix on its own, same sparsity everywhere)."""
-    for _, linear in named_decoder_linears(model):
-        apply_mask(linear.weight.data, linear.weight.data.abs().float(), options, per_row=False)
+    """Drop the smallest |W| of every decoder Linear (each matrix on its own, at its layer's sparsity)."""
+    sparsities = layer_sparsities(model, options, context)
+    for index, layer in enumerate(decoder_layers(model)):
+        for linear in layer_linears(layer).values():
+            weight = linear.weight.data
+            apply_mask(weight, weight.abs().float(), options, per_row=False, sparsity=sparsities[index])
 
 
 @register_stage("prune", PruneOptions)
 def prune(model, options: PruneOptions, context):
-    """Unstructured or N:M pruning of every decoder Linear (magnitude, Wanda, SparseGPT)."""
+    """Unstructured or N:M pruning of every decoder Linear (magnitude, Wanda, SparseGPT; uniform or OWL sparsity)."""
     PRUNE_METHODS[options.method](model, options, context)
     context.notes.append(
-        f"{options.pattern} sparsity {options.sparsity:.0%} of decoder Linear weights ({options.method}): weights are "
-        "zeroed in a dense tensor, so dense kernels run no faster and the dense file is no smaller; speed needs "
-        "sparse kernels, size a sparse storage format (see sparse_format_bytes)."
+        f"{options.pattern} sparsity {options.sparsity:.0%} of decoder Linear weights ({options.method}, "
+        f"{options.allocation} allocation): weights are zeroed in a dense tensor, so dense kernels run no faster and "
+        "the dense file is no smaller; speed needs sparse kernels, size a sparse storage format (see "
+        "sparse_format_bytes)."
     )
     return model

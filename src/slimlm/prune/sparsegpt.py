@@ -1,0 +1,157 @@
+"""SparseGPT (Frantar & Alistarh 2023, "Massive Language Models Can Be Accurately Pruned in One-Shot").
+
+Each Linear is pruned to minimise the layer-wise reconstruction error ‖WX − ŴX‖² rather than to keep the largest
+weights: columns are visited left to right and the error of pruning column i is spread over the columns not yet
+visited through the inverse Hessian (the OBS update), so the kept weights compensate for the dropped ones. The mask
+is chosen adaptively, block by block, on w²/[H⁻¹]²_ii of the already-updated weights. Follows
+IST-DASLab/sparsegpt's `fasterprune` (and locuslab/wanda's copy of it); the model is walked layer by layer with
+`walk_layers`, so a layer's Hessian comes from the outputs of the already-pruned layers before it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimlm.calibrate import observe_layer, walk_layers
+from slimlm.modules import layer_linears
+from slimlm.prune.masks import nm_mask, parse_pattern, unstructured_mask
+from slimlm.prune.unstructured import PruneOptions, calibration_windows, layer_sparsities, register_prune_method
+
+# Cholesky attempts before giving up on compensation: damping grows tenfold each time (0.01 → 1000 × mean diag H).
+_DAMPING_ATTEMPTS = 6
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float | None]:
+    """Upper Cholesky factor U of (H + λI)⁻¹ (so U[i, i:] are the OBS update rows), with λ = damp·mean(diag H).
+
+    If either factorization fails (H is singular or ill-conditioned in float32), λ grows tenfold and we try again.
+    Returns U and the relative damping that worked, or an identity factor and None when none did (non-finite
+    statistics): with a diagonal factor the updates vanish and the method degrades to pruning the smallest |w|.
+    """
+    size = hessian.shape[0]
+    eye = torch.eye(size, dtype=hessian.dtype, device=hessian.device)
+    mean_diagonal = hessian.diagonal().mean()
+    if torch.isfinite(hessian).all() and mean_diagonal > 0:
+        for attempt in range(_DAMPING_ATTEMPTS):
+            relative = damp * 10**attempt
+            lower, info = torch.linalg.cholesky_ex(hessian + relative * mean_diagonal * eye)
+            if info.item() != 0:
+                continue
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if info.item() == 0 and torch.isfinite(upper).all():
+                return upper, relative
+    return eye, None
+
+
+class SparseGPT:
+    """Prunes one weight matrix [rows, columns] given the Hessian H = 2/n·XᵀX of its inputs.
+
+    ``pruned = SparseGPT(weight, hessian, damp=0.01).prune(0.5)`` (or ``nm=(2, 4)``) returns the new float32
+    weight: exact zeros where pruned, OBS-updated values elsewhere. The arguments are not modified.
+    """
+
+    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01):
+        self.weight = weight.detach().float().clone()
+        hessian = hessian.detach().float().clone()
+        self.dead_inputs = self._drop_dead_inputs(hessian)
+        self.hinv, self.damp_used = inverse_hessian_factor(hessian, damp)
+
+    def _drop_dead_inputs(self, hessian: torch.Tensor) -> int:
+        """Inputs that were always zero on the calibration data leave H singular: give them a unit diagonal (their
+        factor row then updates nothing else) and zero their weights, as the reference does; being zero, those weights
+        score lowest and count first towards the pruning budget. Returns how many there were."""
+        dead = hessian.diagonal() == 0
+        hessian[dead, dead] = 1
+        self.weight[:, dead] = 0
+        return int(dead.sum())
+
+    def prune(self, sparsity: float, nm: tuple[int, int] | None = None, blocksize: int = 128) -> torch.Tensor:
+        """Prune to `sparsity` of the matrix (unstructured) or to N:M; returns the updated weight."""
+        rows, columns = self.weight.shape
+        if nm is not None and (columns % nm[1] or blocksize % nm[1]):
+            raise ValueError(f"input dimension {columns} and blocksize {blocksize} must be multiples of M={nm[1]}")
+        weight, hinv = self.weight, self.hinv
+        for start in range(0, columns, blocksize):
+            end = min(start + blocksize, columns)
+            drop = self._block_drop_count(rows, start, end, sparsity)
+            errors = self._prune_block(weight[:, start:end], hinv[start:end, start:end], nm, drop)
+            # the block's pruning errors, spread over every column to its right at once (the "lazy batch" update)
+            weight[:, end:] -= errors @ hinv[start:end, end:]
+        return weight
+
+    @staticmethod
+    def _block_drop_count(rows: int, start: int, end: int, sparsity: float) -> int:
+        """Weights to drop in columns [start, end): cumulative counts, so the blocks add up to exactly
+        int(rows·columns·sparsity), the count magnitude pruning drops from the whole matrix."""
+        return int(rows * end * sparsity) - int(rows * start * sparsity)
+
+    @staticmethod
+    def _prune_block(block: torch.Tensor, hinv: torch.Tensor, nm: tuple[int, int] | None, drop: int) -> torch.Tensor:
+        """Prune a block of columns in place (unstructured: `drop` weights of the block; N:M: every group), column by
+        column with the OBS update; returns the scaled errors (w − q)/[H⁻¹]_ii of every column, for updating the
+        columns right of the block."""
+        diagonal = hinv.diagonal()
+        errors = torch.zeros_like(block)
+        if nm is None:
+            keep = SparseGPT._unstructured_keep(block, diagonal, drop)
+        else:  # each group of M columns is chosen when reached, on weights updated by the groups before it
+            keep = torch.ones_like(block, dtype=torch.bool)
+        for i in range(block.shape[1]):
+            if nm is not None and i % nm[1] == 0:
+                group = slice(i, i + nm[1])
+                keep[:, group] = nm_mask(SparseGPT._saliency(block[:, group], diagonal[group]), *nm)
+            column = block[:, i]
+            pruned = column * keep[:, i]
+            errors[:, i] = (column - pruned) / diagonal[i]
+            block[:, i:] -= errors[:, i : i + 1] @ hinv[i : i + 1, i:]
+            block[:, i] = pruned  # exact zeros (the update above leaves them only up to rounding)
+        return errors
+
+    @staticmethod
+    def _saliency(weights: torch.Tensor, diagonal: torch.Tensor) -> torch.Tensor:
+        """OBS saliency w²/[H⁻¹]²_ii (the error of dropping w, up to a factor): lowest is pruned first."""
+        return weights.pow(2) / diagonal.pow(2).unsqueeze(0)
+
+    @staticmethod
+    def _unstructured_keep(block: torch.Tensor, diagonal: torch.Tensor, drop: int) -> torch.Tensor:
+        """Kept mask of the block: all but the `drop` lowest saliencies across the whole block."""
+        # unstructured_mask drops int(numel·sparsity); asking for (drop + ½)/numel makes that exactly `drop`
+        # whatever the floating-point rounding of the product.
+        return unstructured_mask(SparseGPT._saliency(block, diagonal), (drop + 0.5) / block.numel())
+
+
+@register_prune_method("sparsegpt")
+@torch.no_grad()
+def sparsegpt_prune(model, options: PruneOptions, context) -> None:
+    """SparseGPT of every decoder Linear, layer by layer; all Linears of a layer from one pass over its inputs."""
+    sparsities = layer_sparsities(model, options, context)
+    nm = parse_pattern(options.pattern)
+    trouble: list[str] = []
+
+    def prune_layer(index: int, layer: nn.Module, inputs) -> None:
+        stats = observe_layer(layer, inputs, hessian=True)
+        for name, linear in layer_linears(layer).items():
+            pruner = SparseGPT(linear.weight.data, stats.pop(name).hessian(), options.damp)
+            linear.weight.data.copy_(pruner.prune(sparsities[index], nm, options.blocksize))
+            trouble.extend(_conditioning_notes(f"layers.{index}.{name}", pruner, options.damp))
+
+    walk_layers(model, calibration_windows(model, context), prune_layer, description="sparsegpt")
+    context.notes.append(
+        f"sparsegpt: blocksize {options.blocksize}, damping {options.damp} × mean diag(H); each layer's Hessian from "
+        "the outputs of the already-pruned layers before it"
+    )
+    if trouble:
+        context.notes.append(f"sparsegpt: {len(trouble)} matrices needed attention: " + "; ".join(trouble))
+
+
+def _conditioning_notes(name: str, pruner: SparseGPT, damp: float) -> list[str]:
+    """What the report should know about a matrix whose Hessian was not well-behaved."""
+    notes = []
+    if pruner.dead_inputs:
+        notes.append(f"{name} had {pruner.dead_inputs} inputs always zero on the calibration data (weights zeroed)")
+    if pruner.damp_used is None:
+        notes.append(f"{name}: no usable Hessian, pruned by magnitude without compensation")
+    elif pruner.damp_used > damp:
+        notes.append(f"{name}: damping raised to {pruner.damp_used:g} for a stable Cholesky factorization")
+    return notes

@@ -1,0 +1,176 @@
+"""Layer surgery for structured pruning: models that are genuinely smaller, dense, and reload with transformers.
+
+Three operations, each keeping the modules, their attributes and the config consistent with one another, so that
+``save_pretrained`` → ``AutoModelForCausalLM.from_pretrained`` rebuilds the same network and the KV cache still finds
+every layer:
+
+- `remove_decoder_layers`: delete decoder layers, renumber every ``layer_idx`` (the KV cache slot of a layer), and
+  shrink ``num_hidden_layers`` and per-layer config lists (``layer_types``).
+- `keep_mlp_channels`: keep some intermediate channels of an MLP (gate/up rows, down columns).
+- `keep_attention_heads`: keep some query heads (q rows, o columns) and KV heads (k/v rows) of an attention module.
+
+Width changes are per module; `set_widths` writes the matching config once every layer has the same widths.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from slimlm.modules import decoder_layers
+
+# Config fields holding one entry per decoder layer (Qwen2/Mistral-style sliding-window layouts in transformers 5.x).
+PER_LAYER_CONFIG_FIELDS = ("layer_types",)
+
+
+def _as_index(indices: Sequence[int] | torch.Tensor, device) -> torch.Tensor:
+    return torch.as_tensor(indices, dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def slice_linear(linear: nn.Linear, rows: Sequence[int] | torch.Tensor | None = None,
+                 cols: Sequence[int] | torch.Tensor | None = None) -> nn.Linear:
+    """A new, smaller nn.Linear holding only the chosen output rows and/or input columns (same dtype and device).
+
+    Rows select outputs (and bias entries); columns select inputs, whose bias is unaffected.
+    """
+    weight = linear.weight.detach()
+    bias = linear.bias.detach() if linear.bias is not None else None
+    if rows is not None:
+        index = _as_index(rows, weight.device)
+        weight = weight.index_select(0, index)
+        bias = bias.index_select(0, index) if bias is not None else None
+    if cols is not None:
+        weight = weight.index_select(1, _as_index(cols, weight.device))
+    smaller = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                        dtype=weight.dtype)
+    smaller.weight.copy_(weight)
+    if bias is not None:
+        smaller.bias.copy_(bias)
+    smaller.weight.requires_grad_(linear.weight.requires_grad)
+    return smaller
+
+
+def head_dims(heads: Iterable[int], head_dim: int) -> torch.Tensor:
+    """The feature indices (rows of q/k/v, columns of o) of the given heads, in head order."""
+    heads = torch.as_tensor(list(heads), dtype=torch.long)
+    return (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+
+
+# ---------------------------------------------------------------- depth
+
+
+def renumber_layers(model: nn.Module) -> None:
+    """Set every ``layer_idx`` attribute inside decoder layer i to i: the KV cache is indexed by it."""
+    for index, layer in enumerate(decoder_layers(model)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+
+
+def remove_decoder_layers(model: nn.Module, remove: Iterable[int]) -> list[int]:
+    """Delete the given decoder layers in place; returns the original indices of the layers kept, in order."""
+    layers = decoder_layers(model)
+    remove = set(remove)
+    if not remove <= set(range(len(layers))):
+        raise IndexError(f"layers {sorted(remove)} are not all among the model's {len(layers)} layers")
+    kept = [index for index in range(len(layers)) if index not in remove]
+    if not kept:
+        raise ValueError("removing every decoder layer leaves no model")
+    model.model.layers = nn.ModuleList(layers[index] for index in kept)
+    renumber_layers(model)
+    config = model.config
+    for name in PER_LAYER_CONFIG_FIELDS:
+        values = getattr(config, name, None)
+        if isinstance(values, (list, tuple)) and len(values) == config.num_hidden_layers:
+            setattr(config, name, [values[index] for index in kept])
+    # The model's forward runs layers[:num_hidden_layers]; the cache sizes itself from it too.
+    config.num_hidden_layers = len(kept)
+    return kept
+
+
+# ---------------------------------------------------------------- width
+
+
+def keep_mlp_channels(mlp: nn.Module, channels: Sequence[int] | torch.Tensor) -> None:
+    """Keep only these intermediate channels of a gated MLP: rows of gate_proj/up_proj, columns of down_proj."""
+    mlp.gate_proj = slice_linear(mlp.gate_proj, rows=channels)
+    mlp.up_proj = slice_linear(mlp.up_proj, rows=channels)
+    mlp.down_proj = slice_linear(mlp.down_proj, cols=channels)
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = len(channels)
+
+
+def keep_attention_heads(attention: nn.Module, query_heads: Sequence[int], kv_heads: Sequence[int]) -> None:
+    """Keep these query heads (q rows, o columns) and KV heads (k/v rows), given in order.
+
+    Query head h attends with KV head h // (heads per group), so the kept query heads must be whole, equal-sized
+    groups laid out in the order of the kept KV heads; the per-module head counts follow.
+    """
+    head_dim = attention.head_dim
+    old_kv = attention.k_proj.out_features // head_dim
+    if len(query_heads) % len(kv_heads):
+        raise ValueError(f"{len(query_heads)} query heads cannot share {len(kv_heads)} KV heads equally")
+    query_rows = head_dims(query_heads, head_dim)
+    attention.q_proj = slice_linear(attention.q_proj, rows=query_rows)
+    attention.o_proj = slice_linear(attention.o_proj, cols=query_rows)
+    if len(kv_heads) < old_kv:
+        kv_rows = head_dims(kv_heads, head_dim)
+        attention.k_proj = slice_linear(attention.k_proj, rows=kv_rows)
+        attention.v_proj = slice_linear(attention.v_proj, rows=kv_rows)
+    # LlamaAttention reads num_key_value_groups (repeat_kv in eager/sdpa); other classes also keep head counts.
+    counts = {"num_key_value_groups": len(query_heads) // len(kv_heads), "num_heads": len(query_heads),
+              "num_attention_heads": len(query_heads), "num_key_value_heads": len(kv_heads)}
+    for name, value in counts.items():
+        if hasattr(attention, name):
+            setattr(attention, name, value)
+
+
+def width_config_changes(config, intermediate_size: int | None = None, heads: int | None = None,
+                         kv_heads: int | None = None) -> dict[str, int]:
+    """Config fields for new widths. head_dim is always written: transformers derives it from hidden_size / heads
+    when it is absent, which is wrong once heads are removed (SmolLM2 must keep head_dim 64 with 6 heads)."""
+    changes = {"head_dim": attention_head_dim(config)}
+    if intermediate_size is not None:
+        changes["intermediate_size"] = intermediate_size
+    if heads is not None:
+        changes["num_attention_heads"] = heads
+    if kv_heads is not None:
+        changes["num_key_value_heads"] = kv_heads
+    return changes
+
+
+def attention_head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def config_rejection(config, changes: dict[str, int]) -> str | None:
+    """Why transformers would refuse to save or load the config with these changes (None if it accepts them).
+
+    Its strict configs validate on save_pretrained, e.g. LlamaConfig wants hidden_size divisible by the head count
+    even with an explicit head_dim."""
+    trial = copy.deepcopy(config)
+    for name, value in changes.items():
+        setattr(trial, name, value)
+    validate = getattr(trial, "validate", None)
+    if validate is None:
+        return None
+    try:
+        validate()
+    except Exception as err:  # noqa: BLE001 - any validation failure is a reason to refuse
+        cause = getattr(err, "__cause__", None) or err
+        return str(cause).strip().splitlines()[0]
+    return None
+
+
+def set_widths(config, changes: dict[str, int]) -> None:
+    for name, value in changes.items():
+        setattr(config, name, value)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of the model, tied tensors counted once."""
+    return sum(p.numel() for p in model.parameters())
