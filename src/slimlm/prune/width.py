@@ -43,11 +43,17 @@ class WidthOptions(StageOptions):
     heads_keep: Keep | None = None  # query heads to keep per layer (count or fraction); None: all
     gqa: Literal["within_groups", "whole_groups"] = "within_groups"
 
+    @field_validator("mlp_keep", "heads_keep", mode="before")
+    @classmethod
+    def _a_number(cls, value):
+        # Before pydantic's int|float union: one message instead of one per member, and True is not a count.
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError("must be a count (int ≥ 1) or a fraction in (0, 1]")
+        return value
+
     @field_validator("mlp_keep", "heads_keep")
     @classmethod
     def _count_or_fraction(cls, value: Keep | None) -> Keep | None:
-        if isinstance(value, bool):
-            raise ValueError("must be a count (int ≥ 1) or a fraction in (0, 1]")
         if isinstance(value, int) and value < 1:
             raise ValueError("must keep at least 1 (a count ≥ 1 or a fraction in (0, 1])")
         if isinstance(value, float) and not 0 < value <= 1:
@@ -167,14 +173,12 @@ def prune_width(model, options: WidthOptions, context):
     plan = plan_widths(config, options)
     names = _needed_stats(config, plan)
     params_before = count_parameters(model)
-    widths_before = (config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
-    kv_heads_before = config.num_key_value_heads
+    channels_before, heads_before, kv_heads_before = (
+        config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
     head_dim = attention_head_dim(config)
     changes = width_config_changes(config, plan.channels, plan.heads, plan.kv_heads)
 
     def cut_layer(index: int, layer: nn.Module, inputs) -> None:
-        if not names:
-            return
         stats = observe_layer(layer, inputs, names)
         if "mlp.down_proj" in stats:
             scores = output_contribution(layer.mlp.down_proj, stats["mlp.down_proj"])
@@ -189,8 +193,8 @@ def prune_width(model, options: WidthOptions, context):
         walk_layers(model, calibration_windows(model, context), cut_layer, description="prune_width")
     set_widths(config, changes)
     context.notes.append(
-        f"prune_width: kept {plan.channels} of {widths_before[0]} MLP channels, {plan.heads} of {widths_before[1]} "
-        f"query heads and {plan.kv_heads} of {widths_before[2]} KV heads in every layer (gqa: {options.gqa}; "
+        f"prune_width: kept {plan.channels} of {channels_before} MLP channels, {plan.heads} of {heads_before} "
+        f"query heads and {plan.kv_heads} of {kv_heads_before} KV heads in every layer (gqa: {options.gqa}; "
         f"head_dim {head_dim}); scores |W|·‖X‖ summed over what each channel/head writes through down_proj/o_proj"
     )
     context.notes.append(
