@@ -69,3 +69,20 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """The test session has a cache of its own: nothing read from or left in the user's cache."""
     monkeypatch.setenv("SLIMLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "slimlm-cache"))
+
+
+def random_windows(model, samples: int = 4, seq_len: int = 16, seed: int = 0):
+    """Seeded random token windows standing in for calibration data."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=generator)
+
+
+def run_prune_stage(model, windows, **options):
+    """The prune stage with these calibration windows (the recipe's data is not loaded); returns the context."""
+    from slimlm.recipe import parse_recipe
+    from slimlm.registry import StageContext, get_stage
+
+    recipe = parse_recipe({"model": "m", "stages": [{"prune": options}]})
+    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None, _windows=windows)
+    get_stage("prune").apply(model, recipe.stages[0].options, context)
+    return context

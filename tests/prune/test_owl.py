@@ -8,22 +8,10 @@ from slimlm.errors import SlimlmError
 from slimlm.modules import decoder_layers, layer_linears
 from slimlm.prune.owl import MAX_LAYER_SPARSITY, measure_outlier_ratios, owl_sparsities
 from slimlm.recipe import parse_recipe
-from slimlm.registry import StageContext, get_stage
+
+from conftest import random_windows, run_prune_stage
 
 PLANTED_LAYER = 1
-
-
-def _windows(model, samples=4, seq_len=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=generator)
-
-
-def _run_prune(model, windows, **options):
-    """The prune stage with these calibration windows (the recipe's data is not loaded)."""
-    recipe = parse_recipe({"model": "m", "stages": [{"prune": options}]})
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None, _windows=windows)
-    get_stage("prune").apply(model, recipe.stages[0].options, context)
-    return context
 
 
 @pytest.fixture()
@@ -60,8 +48,8 @@ def test_owl_sparsities_near_the_bounds_shrink_the_spread_and_keep_the_mean(targ
 
 
 def test_the_layer_with_planted_outliers_is_pruned_least_and_the_mean_is_the_target(model_with_outliers):
-    windows = _windows(model_with_outliers)
-    context = _run_prune(model_with_outliers, windows, method="magnitude", sparsity=0.5, allocation="owl")
+    windows = random_windows(model_with_outliers)
+    context = run_prune_stage(model_with_outliers, windows, method="magnitude", sparsity=0.5, allocation="owl")
     layers = decoder_layers(model_with_outliers)
     sparsities = [_layer_sparsity(layer) for layer in layers]
     assert sum(sparsities) / len(sparsities) == pytest.approx(0.5, abs=1e-3)
@@ -74,9 +62,9 @@ def test_the_layer_with_planted_outliers_is_pruned_least_and_the_mean_is_the_tar
 
 @pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
 def test_every_matrix_gets_its_layers_owl_sparsity(model_with_outliers, method):
-    windows = _windows(model_with_outliers)
+    windows = random_windows(model_with_outliers)
     allocated = owl_sparsities(measure_outlier_ratios(copy.deepcopy(model_with_outliers), windows, 5.0), 0.5, 0.08)
-    _run_prune(model_with_outliers, windows, method=method, sparsity=0.5, allocation="owl")
+    run_prune_stage(model_with_outliers, windows, method=method, sparsity=0.5, allocation="owl")
     for index, layer in enumerate(decoder_layers(model_with_outliers)):
         for name, linear in layer_linears(layer).items():
             rows, columns = linear.weight.shape

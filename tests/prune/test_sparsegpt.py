@@ -7,20 +7,8 @@ from slimlm.modules import decoder_layers, layer_linears, named_decoder_linears
 from slimlm.prune.masks import nm_mask, unstructured_mask
 from slimlm.prune.sparsegpt import SparseGPT, inverse_hessian_factor
 from slimlm.recipe import parse_recipe
-from slimlm.registry import StageContext, get_stage
 
-
-def _windows(model, samples=4, seq_len=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=generator)
-
-
-def _run_prune(model, windows, **options):
-    """The prune stage with these calibration windows (the recipe's data is not loaded)."""
-    recipe = parse_recipe({"model": "m", "stages": [{"prune": options}]})
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None, _windows=windows)
-    get_stage("prune").apply(model, recipe.stages[0].options, context)
-    return context
+from conftest import random_windows, run_prune_stage
 
 
 def _hessian(inputs: torch.Tensor) -> torch.Tensor:
@@ -30,14 +18,14 @@ def _hessian(inputs: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("sparsity", [0.5, 0.37])
 def test_sparsegpt_prunes_each_matrix_to_exactly_the_target(tiny_model, sparsity):
     # blocksize 16 puts several mask blocks in every matrix: their drop counts must add up to the matrix's
-    _run_prune(tiny_model, _windows(tiny_model), method="sparsegpt", sparsity=sparsity, blocksize=16)
+    run_prune_stage(tiny_model, random_windows(tiny_model), method="sparsegpt", sparsity=sparsity, blocksize=16)
     for _, linear in named_decoder_linears(tiny_model):
         assert torch.isfinite(linear.weight).all()
         assert (linear.weight == 0).sum().item() == int(linear.weight.numel() * sparsity)
 
 
 def test_sparsegpt_two_four_is_exact(tiny_model):
-    context = _run_prune(tiny_model, _windows(tiny_model), method="sparsegpt", pattern="2:4", blocksize=32)
+    context = run_prune_stage(tiny_model, random_windows(tiny_model), method="sparsegpt", pattern="2:4", blocksize=32)
     for _, linear in named_decoder_linears(tiny_model):
         assert ((linear.weight != 0).view(linear.weight.shape[0], -1, 4).sum(-1) == 2).all()
     assert any("sparsegpt: blocksize 32" in note for note in context.notes)
@@ -85,7 +73,7 @@ def test_damping_escalates_until_the_cholesky_factorization_succeeds():
 
 def test_a_dead_input_in_the_model_is_noted_and_causes_no_nan(tiny_model):
     decoder_layers(tiny_model)[0].input_layernorm.weight.data[3] = 0  # q/k/v of layer 0 never see channel 3
-    context = _run_prune(tiny_model, _windows(tiny_model), method="sparsegpt", sparsity=0.5)
+    context = run_prune_stage(tiny_model, random_windows(tiny_model), method="sparsegpt", sparsity=0.5)
     for _, linear in named_decoder_linears(tiny_model):
         assert torch.isfinite(linear.weight).all()
         assert (linear.weight == 0).sum().item() == linear.weight.numel() // 2
@@ -101,7 +89,7 @@ def _reconstruction_error(original, pruned, hessian, tokens):
 @pytest.mark.parametrize("name", ["self_attn.q_proj", "mlp.down_proj"])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_obs_update_reconstructs_the_layer_better_than_magnitude_and_wanda(tiny_model, name, pattern):
-    windows = _windows(tiny_model, samples=8, seq_len=32)
+    windows = random_windows(tiny_model, samples=8, seq_len=32)
     layer = decoder_layers(tiny_model)[0]
     stats = observe_layer(layer, capture_first_layer_inputs(tiny_model, windows), [name], hessian=True)[name]
     weight = layer_linears(layer)[name].weight.detach().float()

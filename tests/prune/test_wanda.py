@@ -8,21 +8,8 @@ from slimlm.modules import decoder_layers, layer_linears, named_decoder_linears
 from slimlm.prune.masks import unstructured_mask
 from slimlm.prune.unstructured import PruneOptions, apply_mask
 from slimlm.prune.wanda import wanda_scores
-from slimlm.recipe import parse_recipe
-from slimlm.registry import StageContext, get_stage
 
-
-def _windows(model, samples=4, seq_len=16, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=generator)
-
-
-def _run_prune(model, windows, **options):
-    """The prune stage with these calibration windows (the recipe's data is not loaded)."""
-    recipe = parse_recipe({"model": "m", "stages": [{"prune": options}]})
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None, _windows=windows)
-    get_stage("prune").apply(model, recipe.stages[0].options, context)
-    return context
+from conftest import random_windows, run_prune_stage
 
 
 def _linear_inputs(model, layer_index, windows):
@@ -45,9 +32,9 @@ def _top_per_row(scores, keep):
 
 
 def test_wanda_keeps_the_top_weight_times_input_norm_of_every_row(tiny_model):
-    windows = _windows(tiny_model)
+    windows = random_windows(tiny_model)
     dense = copy.deepcopy(tiny_model)
-    context = _run_prune(tiny_model, windows, method="wanda", sparsity=0.5)
+    context = run_prune_stage(tiny_model, windows, method="wanda", sparsity=0.5)
     pruned_layers, dense_layers = decoder_layers(tiny_model), decoder_layers(dense)
     for index in range(len(pruned_layers)):
         # a layer is scored on the outputs of the pruned layers before it, with its own weights still dense
@@ -76,11 +63,11 @@ def test_wanda_with_uniform_input_norms_is_magnitude_per_row(tiny_model):
 
 
 def test_wanda_two_four_is_exact_and_keeps_the_top_two_of_every_four(tiny_model):
-    windows = _windows(tiny_model)
+    windows = random_windows(tiny_model)
     first_layer = layer_linears(decoder_layers(tiny_model)[0])
     original = {name: linear.weight.detach().clone() for name, linear in first_layer.items()}
     inputs = _linear_inputs(tiny_model, 0, windows)
-    _run_prune(tiny_model, windows, method="wanda", pattern="2:4")
+    run_prune_stage(tiny_model, windows, method="wanda", pattern="2:4")
     for _, linear in named_decoder_linears(tiny_model):
         groups = (linear.weight != 0).view(linear.weight.shape[0], -1, 4).sum(-1)
         assert (groups == 2).all()
@@ -91,7 +78,7 @@ def test_wanda_two_four_is_exact_and_keeps_the_top_two_of_every_four(tiny_model)
 
 
 def test_wanda_prunes_each_matrix_to_the_target(tiny_model):
-    _run_prune(tiny_model, _windows(tiny_model), method="wanda", sparsity=0.3)
+    run_prune_stage(tiny_model, random_windows(tiny_model), method="wanda", sparsity=0.3)
     for _, linear in named_decoder_linears(tiny_model):
         rows, columns = linear.weight.shape
         assert (linear.weight == 0).sum().item() == rows * int(columns * 0.3)  # the same count in every row
