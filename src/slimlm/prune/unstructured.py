@@ -156,7 +156,7 @@ def prune(model, options: PruneOptions, context):
     context.notes.append(
         f"{options.pattern} sparsity {options.sparsity:.0%} of decoder Linear weights ({options.method}, "
         f"{options.allocation} allocation): weights are zeroed in a dense tensor, so dense kernels run no faster and "
-        "the dense file is no smaller; speed needs sparse kernels, size a sparse storage format (see "
-        "sparse_format_bytes)."
+        "the dense file is no smaller; speed needs sparse kernels, size a sparse storage format (params_nonzero "
+        "shows what such a format would keep)."
     )
     return model
