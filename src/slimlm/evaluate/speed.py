@@ -158,7 +158,9 @@ def measure_speed(
     prefill_rate = [prompt_tokens / run.prefill_seconds for run in timed]
     decode_rate = [len(run.decoded_ids) / run.decode_seconds for run in timed]
     return [
-        Record("speed", "prefill_ms", statistics.median(prefill_ms), "ms", False, dict(protocol), _spread(prefill_ms, ".1f")),
+        Record(
+            "speed", "prefill_ms", statistics.median(prefill_ms), "ms", False, dict(protocol), _spread(prefill_ms, ".1f")
+        ),
         Record(
             "speed", "prefill_tokens_per_s", statistics.median(prefill_rate), "tokens/s", True, dict(protocol),
             _spread(prefill_rate, ".1f"),
