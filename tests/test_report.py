@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from slimlm import report
+from slimlm import report, report_plots
 from slimlm.evaluate.records import Record
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -176,7 +176,7 @@ def test_failing_plot_leaves_the_previous_report_and_no_temp_files(tmp_path, mon
     def broken(*args, **kwargs):
         raise RuntimeError("plotting failed")
 
-    monkeypatch.setattr(report, "_tradeoff_figure", broken)
+    monkeypatch.setattr(report_plots, "_tradeoff_figure", broken)
     with pytest.raises(RuntimeError, match="plotting failed"):
         report.write_report(_summary(), tmp_path)
     assert (tmp_path / "report.md").read_text(encoding="utf-8") == "previous report\n"
