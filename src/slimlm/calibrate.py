@@ -19,6 +19,7 @@ from torch import nn
 
 from slimlm.modules import decoder_layers, layer_linears
 from slimlm.progress import progress_bar
+from slimlm.streaming import layer_stream
 
 
 class _StopForward(Exception):
@@ -87,10 +88,15 @@ def walk_layers(model: nn.Module, windows: torch.Tensor, visit: LayerVisitor, de
     layers before it *after* their visits (so errors of compressed layers propagate, as in GPTQ/SparseGPT)."""
     inputs = capture_first_layer_inputs(model, windows, batch_size)
     layers = decoder_layers(model)
+    stream = layer_stream(model)  # a layer-streamed model holds one layer's weights at a time (streaming.py)
     with progress_bar(description, total=len(layers)) as advance:
         for index, layer in enumerate(layers):
+            if stream is not None:
+                stream.load(index)
             visit(index, layer, inputs)
             inputs = LayerInputs(run_layer(layer, inputs), inputs.kwargs)
+            if stream is not None:
+                stream.release(index)
             advance(description=f"{description} (layer {index + 1}/{len(layers)})")
 
 

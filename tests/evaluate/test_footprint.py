@@ -13,6 +13,7 @@ from slimlm.evaluate.footprint import (
     parameter_counts,
     peak_memory_record,
     size_on_disk,
+    sparse_format_sizes,
 )
 
 # Hand count for hidden 64, intermediate 128, 4 heads / 2 KV heads (head_dim 16), 2 layers, vocab 1000, tied head.
@@ -92,6 +93,27 @@ def test_footprint_records_on_disk_and_in_memory(model, tmp_path):
     assert "size_on_disk" not in in_memory
     assert in_memory["bits_per_weight"].value == 16.0
     assert in_memory["bits_per_weight"].protocol["basis"] == "in-memory dtypes"
+
+
+def test_sparse_format_sizes_count_mask_bits_and_kept_values(model):
+    assert "sparse_bitmask_bf16_bytes" not in _by_metric(footprint_records(model))  # dense: nothing to report
+    with torch.no_grad():
+        for _, linear in footprint.named_decoder_linears(model):
+            linear.weight.view(-1, 4)[:, :2] = 0.0  # exactly 2 of every 4 consecutive inputs zeroed
+    other = TOTAL - LINEAR_TOTAL
+    sizes = sparse_format_sizes(model)
+    # bitmask: 1 bit per Linear weight + 2 bytes per kept value; everything else dense bf16
+    assert sizes["bitmask"] == 2 * other + LINEAR_TOTAL // 8 + 2 * (LINEAR_TOTAL // 2)
+    # 2:4: half the values kept, each 2 bytes + a 2-bit index
+    assert sizes["2:4"] == 2 * other + LINEAR_TOTAL // 2 * 2 + LINEAR_TOTAL // 2 // 4
+    records = _by_metric(footprint_records(model))
+    assert records["sparse_bitmask_bf16_bytes"].value == sizes["bitmask"] < 2 * TOTAL
+    assert records["sparse_2of4_bf16_bytes"].value == sizes["2:4"]
+
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, :4] = 1.0  # one group of 4 with four nonzeros: not 2:4
+    assert sparse_format_sizes(model)["2:4"] is None
+    assert "sparse_2of4_bf16_bytes" not in _by_metric(footprint_records(model))
 
 
 ALLOCATION = 200 * 1024 * 1024

@@ -5,7 +5,7 @@ import torch
 
 from conftest import build_tiny_llama
 from slimlm.data import TextSource, eval_windows, tokenize_joined
-from slimlm.evaluate.perplexity import perplexity_records
+from slimlm.evaluate.perplexity import ReferenceLogits, perplexity_records
 
 TEXT = TextSource("t", ["Perplexity measures how surprised a model is by text. " * 30], "inline", "0" * 64)
 
@@ -35,6 +35,18 @@ def test_kl_against_itself_is_zero_and_against_another_model_positive(tiny_model
     diff = _by_metric(perplexity_records(tiny_model, tiny_tokenizer, TEXT, "t", seq_len=32, limit=2, reference=other))
     assert diff["kl_divergence"].value > 0.01
     assert diff["top1_agreement"].value < 1.0
+
+
+def test_kept_reference_logits_give_the_same_kl_with_one_reference_pass(tiny_model, tiny_tokenizer):
+    other = build_tiny_llama(len(tiny_tokenizer), seed=1)
+    calls = []
+    other.register_forward_hook(lambda *_: calls.append(1))
+    kept = ReferenceLogits(other, keep=True)
+    first = _by_metric(perplexity_records(tiny_model, tiny_tokenizer, TEXT, "t", seq_len=32, limit=2, reference=kept))
+    again = _by_metric(perplexity_records(tiny_model, tiny_tokenizer, TEXT, "t", seq_len=32, limit=2, reference=kept))
+    plain = _by_metric(perplexity_records(tiny_model, tiny_tokenizer, TEXT, "t", seq_len=32, limit=2, reference=other))
+    assert len(calls) == 2 + 2  # two windows for the kept reference (once), two for the plain model
+    assert first["kl_divergence"].value == again["kl_divergence"].value == plain["kl_divergence"].value > 0
 
 
 def test_word_perplexity_and_bits_per_byte_are_consistent(tiny_model, tiny_tokenizer):

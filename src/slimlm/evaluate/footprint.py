@@ -99,6 +99,43 @@ def dense_sizes(model: nn.Module) -> dict:
     return {"fp32": total * 4, "bf16": total * 2}
 
 
+def _is_2_of_4(weight: torch.Tensor) -> bool:
+    """At most 2 nonzeros in every group of 4 consecutive inputs (the layout sparse tensor cores accelerate)."""
+    if weight.shape[-1] % 4:
+        return False
+    return bool(((weight.detach().reshape(-1, 4) != 0).sum(dim=-1) <= 2).all())
+
+
+def sparse_format_sizes(model: nn.Module, value_bytes: int = 2) -> dict:
+    """Bytes the model would take with its decoder Linear weights in a sparse storage format, values in
+    `value_bytes` (2 = bf16/fp16), every other tensor dense at the same width.
+
+    ``bitmask``: one bit per weight plus the nonzero values (compressed-tensors' bitmask format).
+    ``2:4``: the kept values plus 2 bits of position each (NVIDIA's 2:4 metadata); None unless every decoder
+    Linear is 2:4 sparse.
+    """
+    params = _unique_parameters(model)
+    linear_ids = {id(linear.weight) for _, linear in named_decoder_linears(model)}
+    other = sum(p.numel() for p in params if id(p) not in linear_ids) * value_bytes
+    linears = [linear.weight for _, linear in named_decoder_linears(model)]
+    bitmask = sum(w.numel() / 8 + _count_nonzero(w) * value_bytes for w in linears)
+    all_2_of_4 = bool(linears) and all(_is_2_of_4(w) for w in linears)
+    two_four = sum(w.numel() // 2 * (value_bytes + 0.25) for w in linears) if all_2_of_4 else None
+    return {"bitmask": int(other + bitmask), "2:4": None if two_four is None else int(other + two_four)}
+
+
+def _sparse_format_records(model: nn.Module, base: dict) -> list[Record]:
+    sizes = sparse_format_sizes(model)
+    protocol = {**base, "values": "bf16", "other_tensors": "dense bf16", "computed": "not written to disk"}
+    note = "the size a sparse storage format would take; slimlm saves dense tensors, and dense kernels gain no speed"
+    records = [Record("size", "sparse_bitmask_bf16_bytes", sizes["bitmask"], "bytes", False,
+                      {**protocol, "format": "1-bit mask per weight + nonzero values"}, note)]
+    if sizes["2:4"] is not None:
+        records.append(Record("size", "sparse_2of4_bf16_bytes", sizes["2:4"], "bytes", False,
+                              {**protocol, "format": "2 kept values per 4 + 2-bit index each"}, note))
+    return records
+
+
 def _in_memory_bits(model: nn.Module) -> float:
     params = _unique_parameters(model)
     return sum(p.numel() * p.element_size() * 8 for p in params) / max(1, sum(p.numel() for p in params))
@@ -137,6 +174,8 @@ def footprint_records(model: nn.Module, model_path: str | Path | None = None) ->
         Record("size", "dense_bf16_bytes", dense["bf16"], "bytes", False, dict(base)),
         Record("size", "bits_per_weight", bits, "bits", False, {**bits_protocol, "per": "params_total"}),
     ]
+    if sparse_format_sizes(model)["bitmask"] < dense["bf16"]:  # only once a sparse format would pay off
+        records += _sparse_format_records(model, base)
     return records
 
 

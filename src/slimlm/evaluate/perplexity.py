@@ -42,14 +42,32 @@ def _logits(model, window: torch.Tensor) -> torch.Tensor:
     return model(window.unsqueeze(0).to(_device_of(model)), use_cache=False).logits[0, :-1].float()
 
 
-def _score_window(model, reference, window: torch.Tensor, totals: WindowTotals) -> None:
+class ReferenceLogits:
+    """The reference model's logits on evaluation windows; with ``keep=True`` each window's logits are computed
+    once and kept in memory (float32, windows × seq_len × vocab × 4 bytes), so scoring many compressed models
+    against one original costs one reference pass instead of one per model."""
+
+    def __init__(self, model, keep: bool = False):
+        self.model, self.keep = model, keep
+        self._kept: dict[bytes, torch.Tensor] = {}
+
+    def __call__(self, window: torch.Tensor) -> torch.Tensor:
+        if not self.keep:
+            return _logits(self.model, window)
+        key = window.cpu().numpy().tobytes()
+        if key not in self._kept:
+            self._kept[key] = _logits(self.model, window)
+        return self._kept[key]
+
+
+def _score_window(model, reference: ReferenceLogits | None, window: torch.Tensor, totals: WindowTotals) -> None:
     logits = _logits(model, window)
     targets = window[1:].to(logits.device)
     totals.nll += F.cross_entropy(logits, targets, reduction="sum").item()
     totals.tokens += targets.numel()
     if reference is None:
         return
-    ref_logits = _logits(reference, window).to(logits.device)
+    ref_logits = reference(window).to(logits.device)
     for start in range(0, logits.shape[0], _KL_CHUNK):
         log_p = F.log_softmax(ref_logits[start : start + _KL_CHUNK], dim=-1)
         log_q = F.log_softmax(logits[start : start + _KL_CHUNK], dim=-1)
@@ -69,7 +87,11 @@ def _count_words_and_bytes(tokenizer, windows: torch.Tensor, totals: WindowTotal
 def perplexity_records(
     model, tokenizer, source: TextSource, task: str, seq_len: int = 2048, limit: int | None = None, reference=None
 ) -> list[Record]:
-    """Perplexity (and KL / top-1 agreement when `reference` is given) of `model` on `source`."""
+    """Perplexity (and KL / top-1 agreement when `reference` is given) of `model` on `source`.
+
+    `reference` is the original model, or a `ReferenceLogits` to share its logits across several calls."""
+    if reference is not None and not isinstance(reference, ReferenceLogits):
+        reference = ReferenceLogits(reference)
     tokens = tokenize_joined(tokenizer, source)
     windows = eval_windows(tokens, seq_len, limit)
     available = tokens.numel() // seq_len

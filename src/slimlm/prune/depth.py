@@ -38,6 +38,7 @@ from slimlm.modules import decoder_layers
 from slimlm.progress import progress_bar
 from slimlm.prune.unstructured import calibration_windows
 from slimlm.registry import StageOptions, register_stage
+from slimlm.streaming import require_materialized
 from slimlm.surgery import count_parameters, remove_decoder_layers
 
 Criterion = Literal["block_influence", "angular", "perplexity"]
@@ -248,6 +249,7 @@ def _label(candidate: tuple[int, ...]) -> str:
 @torch.no_grad()
 def prune_depth(model, options: DepthOptions, context):
     """Remove whole decoder layers (ShortGPT block influence, angular distance, or perplexity ranking)."""
+    require_materialized(model, "depth pruning")
     num_layers = len(decoder_layers(model))
     count = layers_to_remove(options, num_layers)
     if count == 0:

@@ -14,34 +14,10 @@ import torch
 from torch import nn
 
 from slimlm.calibrate import observe_layer, walk_layers
+from slimlm.hessian import conditioning_notes, drop_dead_inputs, inverse_hessian_factor
 from slimlm.modules import layer_linears
 from slimlm.prune.masks import nm_mask, parse_pattern, unstructured_mask
 from slimlm.prune.unstructured import PruneOptions, calibration_windows, layer_sparsities, register_prune_method
-
-# Cholesky attempts before giving up on compensation: damping grows tenfold each time (0.01 → 1000 × mean diag H).
-_DAMPING_ATTEMPTS = 6
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, float | None]:
-    """Upper Cholesky factor U of (H + λI)⁻¹ (so U[i, i:] are the OBS update rows), with λ = damp·mean(diag H).
-
-    If either factorization fails (H is singular or ill-conditioned in float32), λ grows tenfold and we try again.
-    Returns U and the relative damping that worked, or an identity factor and None when none did (non-finite
-    statistics): with a diagonal factor the updates vanish and the method degrades to pruning the smallest |w|.
-    """
-    size = hessian.shape[0]
-    eye = torch.eye(size, dtype=hessian.dtype, device=hessian.device)
-    mean_diagonal = hessian.diagonal().mean()
-    if torch.isfinite(hessian).all() and mean_diagonal > 0:
-        for attempt in range(_DAMPING_ATTEMPTS):
-            relative = damp * 10**attempt
-            lower, info = torch.linalg.cholesky_ex(hessian + relative * mean_diagonal * eye)
-            if info.item() != 0:
-                continue
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-            if info.item() == 0 and torch.isfinite(upper).all():
-                return upper, relative
-    return eye, None
 
 
 class SparseGPT:
@@ -54,17 +30,10 @@ class SparseGPT:
     def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, damp: float = 0.01):
         self.weight = weight.detach().float().clone()
         hessian = hessian.detach().float().clone()
-        self.dead_inputs = self._drop_dead_inputs(hessian)
+        # dead inputs (always zero on the calibration data) get zero weights: they score lowest, so count first
+        # towards the pruning budget
+        self.dead_inputs = drop_dead_inputs(self.weight, hessian)
         self.hinv, self.damp_used = inverse_hessian_factor(hessian, damp)
-
-    def _drop_dead_inputs(self, hessian: torch.Tensor) -> int:
-        """Inputs that were always zero on the calibration data leave H singular: give them a unit diagonal (their
-        factor row then updates nothing else) and zero their weights, as the reference does; being zero, those weights
-        score lowest and count first towards the pruning budget. Returns how many there were."""
-        dead = hessian.diagonal() == 0
-        hessian[dead, dead] = 1
-        self.weight[:, dead] = 0
-        return int(dead.sum())
 
     def prune(self, sparsity: float, nm: tuple[int, int] | None = None, blocksize: int = 128) -> torch.Tensor:
         """Prune to `sparsity` of the matrix (unstructured) or to N:M; returns the updated weight."""
@@ -134,7 +103,8 @@ def sparsegpt_prune(model, options: PruneOptions, context) -> None:
         for name, linear in layer_linears(layer).items():
             pruner = SparseGPT(linear.weight.data, stats.pop(name).hessian(), options.damp)
             linear.weight.data.copy_(pruner.prune(sparsities[index], nm, options.blocksize))
-            trouble.extend(_conditioning_notes(f"layers.{index}.{name}", pruner, options.damp))
+            trouble.extend(conditioning_notes(f"layers.{index}.{name}", pruner.dead_inputs, pruner.damp_used,
+                                             options.damp, "pruned by magnitude"))
 
     walk_layers(model, calibration_windows(model, context), prune_layer, description="sparsegpt")
     context.notes.append(
@@ -144,14 +114,3 @@ def sparsegpt_prune(model, options: PruneOptions, context) -> None:
     if trouble:
         context.notes.append(f"sparsegpt: {len(trouble)} matrices needed attention: " + "; ".join(trouble))
 
-
-def _conditioning_notes(name: str, pruner: SparseGPT, damp: float) -> list[str]:
-    """What the report should know about a matrix whose Hessian was not well-behaved."""
-    notes = []
-    if pruner.dead_inputs:
-        notes.append(f"{name} had {pruner.dead_inputs} inputs always zero on the calibration data (weights zeroed)")
-    if pruner.damp_used is None:
-        notes.append(f"{name}: no usable Hessian, pruned by magnitude without compensation")
-    elif pruner.damp_used > damp:
-        notes.append(f"{name}: damping raised to {pruner.damp_used:g} for a stable Cholesky factorization")
-    return notes

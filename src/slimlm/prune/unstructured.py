@@ -18,6 +18,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from slimlm.modules import decoder_layers, layer_linears
 from slimlm.prune.masks import nm_mask, parse_pattern, unstructured_mask
 from slimlm.registry import StageOptions, register_stage
+from slimlm.streaming import require_materialized
 
 # method name -> function(model, options, context) that prunes the model in place
 PRUNE_METHODS: dict[str, Callable] = {}
@@ -142,6 +143,7 @@ def calibration_windows(model, context) -> torch.Tensor:
 @torch.no_grad()
 def magnitude_prune(model, options: PruneOptions, context) -> None:
     """Drop the smallest |W| of every decoder Linear (each matrix on its own, at its layer's sparsity)."""
+    require_materialized(model, "magnitude pruning")
     sparsities = layer_sparsities(model, options, context)
     for index, layer in enumerate(decoder_layers(model)):
         for linear in layer_linears(layer).values():

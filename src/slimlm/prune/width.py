@@ -30,6 +30,7 @@ from slimlm.calibrate import InputStats, observe_layer, walk_layers
 from slimlm.errors import SlimlmError
 from slimlm.prune.unstructured import calibration_windows
 from slimlm.registry import StageOptions, register_stage
+from slimlm.streaming import require_materialized
 from slimlm.surgery import (
     attention_head_dim, config_rejection, count_parameters, keep_attention_heads, keep_mlp_channels, set_widths,
     width_config_changes,
@@ -169,6 +170,7 @@ def _needed_stats(config, plan: WidthPlan) -> list[str]:
 @torch.no_grad()
 def prune_width(model, options: WidthOptions, context):
     """Remove the least important MLP channels and attention heads (Wanda-style scores); a smaller dense model."""
+    require_materialized(model, "width pruning")
     config = model.config
     plan = plan_widths(config, options)
     names = _needed_stats(config, plan)

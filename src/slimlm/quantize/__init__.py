@@ -1,0 +1,1 @@
+from slimlm.quantize import gptq, rtn, stage  # noqa: F401  (registers the quantize stage and its methods)

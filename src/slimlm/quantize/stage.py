@@ -1,0 +1,154 @@
+"""The `quantize` stage: weight-only integer quantization of the decoder Linears onto a shared grid (grid.py).
+
+A method is a function ``quantize(model, options, context)`` registered in `QUANT_METHODS` that puts every target
+Linear on the options' grid with `store_quantized`: round-to-nearest (rtn.py) needs no data, GPTQ (gptq.py) walks the
+calibration windows. This is fake quantization for now: each Linear's weight holds the dequantized values in the
+model's dtype, and the exact codes, float16 scales and zero points ride along as the non-persistent attribute
+``linear.slimlm_quantized`` (a QuantizedWeight; not saved with the model) for the packed storage to come.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.modules import PROJECTIONS, named_decoder_linears
+from slimlm.quantize.grid import QuantGrid, QuantizedWeight
+from slimlm.registry import StageOptions, register_stage
+
+# method name -> function(model, options, context) that quantizes the target Linears in place
+QUANT_METHODS: dict[str, Callable] = {}
+# target name in recipes ("q_proj") -> name inside a decoder layer ("self_attn.q_proj")
+TARGETS = {name.rsplit(".", 1)[-1]: name for name in PROJECTIONS}
+# where a Linear's codes are kept (see the module docstring)
+QUANTIZED_ATTRIBUTE = "slimlm_quantized"
+
+
+def register_quant_method(name: str):
+    def decorate(fn: Callable) -> Callable:
+        QUANT_METHODS[name] = fn
+        return fn
+
+    return decorate
+
+
+class QuantizeOptions(StageOptions):
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int | None = 64  # input columns per scale; None: one scale per output channel
+    sym: bool = True
+    targets: list[str] | None = None  # projection names (q_proj ... down_proj); None: all of them
+    # GPTQ settings, ignored by rtn
+    act_order: bool = False
+    damp: float = Field(0.01, gt=0, lt=1)
+    blocksize: int = Field(128, ge=1)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in QUANT_METHODS:
+            raise ValueError(f"unknown method '{value}'; known: {', '.join(sorted(QUANT_METHODS))}")
+        return value
+
+    @field_validator("bits")
+    @classmethod
+    def _bits_range(cls, value: int) -> int:
+        if not 2 <= value <= 8:
+            raise ValueError("must be in 2..8")
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _positive_group(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("must be a positive number of input columns, or null for one scale per output channel")
+        return value
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, value: list[str] | None) -> list[str] | None:
+        unknown = [name for name in value or [] if name not in TARGETS]
+        if unknown:
+            raise ValueError(f"unknown projection {', '.join(repr(n) for n in unknown)}; known: {', '.join(TARGETS)}")
+        if value is not None and not value:
+            raise ValueError(f"name at least one projection, or leave it out for all; known: {', '.join(TARGETS)}")
+        return value
+
+    def grid(self) -> QuantGrid:
+        return QuantGrid(self.bits, self.sym, self.group_size)
+
+    def layer_targets(self) -> list[str]:
+        """The targets as names inside a decoder layer (``self_attn.q_proj``), in execution order."""
+        chosen = set(self.targets or TARGETS)
+        return [TARGETS[short] for short in TARGETS if short in chosen]
+
+
+def target_linears(model, options: QuantizeOptions) -> list[tuple[str, nn.Linear]]:
+    """Every decoder Linear the options target, with its full name."""
+    suffixes = tuple("." + name for name in options.layer_targets())
+    return [(name, linear) for name, linear in named_decoder_linears(model) if name.endswith(suffixes)]
+
+
+def store_quantized(linear: nn.Linear, quantized: QuantizedWeight) -> None:
+    """Write the dequantized weight into the Linear (in its dtype) and keep the codes beside it."""
+    linear.weight.data.copy_(quantized.dequantize().to(linear.weight.dtype))
+    setattr(linear, QUANTIZED_ATTRIBUTE, quantized)
+
+
+def _check_group_size(targets: list[tuple[str, nn.Linear]], options: QuantizeOptions) -> None:
+    """Options are validated before the model is known: the group size must divide every target's in_features."""
+    for name, linear in targets:
+        if options.group_size is not None and linear.in_features % options.group_size:
+            raise SlimlmError(
+                f"quantize.group_size: {options.group_size} does not divide the {linear.in_features} input features "
+                f"of {name}; use a divisor of it or null (one scale per output channel)"
+            )
+
+
+def _check_finite(targets: list[tuple[str, nn.Linear]], options: QuantizeOptions) -> None:
+    for name, linear in targets:
+        quantized = getattr(linear, QUANTIZED_ATTRIBUTE, None)
+        scale_ok = quantized is not None and torch.isfinite(quantized.scale).all()
+        if not (scale_ok and torch.isfinite(linear.weight).all()):
+            raise SlimlmError(f"quantize ({options.method}): {name} has non-finite (NaN/Inf) weights or scales "
+                              "after quantization; check the original weights and calibration data")
+
+
+def _rounding_note(targets: list[tuple[str, nn.Linear]]) -> str | None:
+    """Float16/bfloat16 cannot hold every Δ·(q − z) exactly: say so when the stored weights left the grid."""
+    off_grid = sum(
+        int((linear.weight.float() != getattr(linear, QUANTIZED_ATTRIBUTE).dequantize()).sum())
+        for _, linear in targets
+    )
+    total = sum(linear.weight.numel() for _, linear in targets)
+    if not off_grid:
+        return None
+    dtype = str(targets[0][1].weight.dtype).removeprefix("torch.")
+    return (f"quantize: {off_grid / total:.2%} of the dequantized weights were rounded to {dtype} and sit slightly off "
+            "the grid; the kept codes are exact")
+
+
+@register_stage("quantize", QuantizeOptions)
+def quantize(model, options: QuantizeOptions, context):
+    """Weight-only integer quantization of the decoder Linears (round-to-nearest or GPTQ), per group or channel."""
+    targets = target_linears(model, options)
+    _check_group_size(targets, options)
+    QUANT_METHODS[options.method](model, options, context)
+    _check_finite(targets, options)
+    granularity = "per output channel" if options.group_size is None else f"group size {options.group_size}"
+    context.notes.append(
+        f"quantize: {options.method}, {options.bits}-bit "
+        f"{'symmetric (ggml Q4_0/Q8_0 scale rule)' if options.sym else 'asymmetric (integer zero point)'}, "
+        f"{granularity}, targets {', '.join(options.targets or TARGETS)} ({len(targets)} Linears; embeddings, norms "
+        "and the LM head stay as they were). Fake quantization: the weights are stored dequantized in the model's "
+        "dtype, so the file is no smaller and inference no faster until packed storage lands; quality figures are "
+        "those of the quantized model."
+    )
+    note = _rounding_note(targets)
+    if note:
+        context.notes.append(note)
+    return model

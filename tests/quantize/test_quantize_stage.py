@@ -1,0 +1,142 @@
+import pytest
+import torch
+
+from slimlm.errors import SlimlmError
+from slimlm.modules import decoder_layers, named_decoder_linears
+from slimlm.quantize import gptq as gptq_module
+from slimlm.quantize.grid import QuantGrid, quantize_codes
+from slimlm.quantize.stage import QUANTIZED_ATTRIBUTE
+from slimlm.recipe import parse_recipe
+
+from conftest import random_windows
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest on one thread: OpenMP barriers on a busy machine cost more than 64-wide matmuls gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_quantize_stage(model, windows, **options):
+    """The quantize stage with these calibration windows (the recipe's data is not loaded); returns the context."""
+    from slimlm.registry import StageContext, get_stage
+
+    recipe = parse_recipe({"model": "m", "stages": [{"quantize": options}]})
+    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None, _windows=windows)
+    get_stage("quantize").apply(model, recipe.stages[0].options, context)
+    return context
+
+
+def _logits(model, windows):
+    with torch.no_grad():
+        return model(windows, use_cache=False).logits
+
+
+@pytest.mark.parametrize("options", [
+    {"method": "rtn", "bits": 4, "group_size": 32},
+    {"method": "gptq", "bits": 4, "group_size": 32, "blocksize": 16},
+    {"method": "gptq", "bits": 3, "group_size": None, "sym": False, "act_order": True},
+])
+def test_the_stage_puts_every_decoder_linear_on_its_grid(tiny_model, options):
+    windows = random_windows(tiny_model)
+    before = _logits(tiny_model, windows)
+    context = run_quantize_stage(tiny_model, windows, **options)
+    grid = QuantGrid(options["bits"], options.get("sym", True), options["group_size"])
+    for _, linear in named_decoder_linears(tiny_model):
+        quantized = getattr(linear, QUANTIZED_ATTRIBUTE)
+        assert quantized.grid == grid
+        assert torch.equal(linear.weight, quantized.dequantize())  # float32 model: exactly the grid values
+    after = _logits(tiny_model, windows)
+    assert torch.isfinite(after).all() and not torch.equal(after, before)
+    assert any(f"quantize: {options['method']}, {options['bits']}-bit" in note and "Fake quantization" in note
+               for note in context.notes)
+
+
+def test_rtn_stage_is_round_to_nearest_of_each_weight(tiny_model):
+    originals = {name: linear.weight.detach().clone() for name, linear in named_decoder_linears(tiny_model)}
+    run_quantize_stage(tiny_model, random_windows(tiny_model), method="rtn", bits=8, group_size=None)
+    for name, linear in named_decoder_linears(tiny_model):
+        expected = quantize_codes(originals[name], QuantGrid(8, True, None))
+        assert torch.equal(getattr(linear, QUANTIZED_ATTRIBUTE).codes, expected.codes)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_only_the_targets_are_quantized(tiny_model, method):
+    originals = {name: linear.weight.detach().clone() for name, linear in named_decoder_linears(tiny_model)}
+    run_quantize_stage(tiny_model, random_windows(tiny_model), method=method, targets=["v_proj", "down_proj"])
+    for name, linear in named_decoder_linears(tiny_model):
+        targeted = name.endswith(("v_proj", "down_proj"))
+        assert hasattr(linear, QUANTIZED_ATTRIBUTE) == targeted
+        assert torch.equal(linear.weight, originals[name]) != targeted
+
+
+def test_gptq_is_true_sequential_within_a_layer(tiny_model, monkeypatch):
+    observed = []
+    original = gptq_module.observe_layer
+
+    def recording(layer, inputs, names=None, **kwargs):
+        observed.append(names)
+        return original(layer, inputs, names, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "observe_layer", recording)
+    run_quantize_stage(tiny_model, random_windows(tiny_model), method="gptq", targets=["q_proj", "v_proj", "o_proj",
+                                                                                        "down_proj"])
+    per_layer = [["self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"], ["mlp.down_proj"]]
+    assert observed == per_layer * len(decoder_layers(tiny_model))
+
+
+def test_a_dead_input_in_the_model_is_noted_and_causes_no_nan(tiny_model):
+    decoder_layers(tiny_model)[0].input_layernorm.weight.data[3] = 0  # q/k/v of layer 0 never see channel 3
+    context = run_quantize_stage(tiny_model, random_windows(tiny_model), method="gptq", bits=3, act_order=True)
+    for _, linear in named_decoder_linears(tiny_model):
+        assert torch.isfinite(linear.weight).all()
+    assert (decoder_layers(tiny_model)[0].self_attn.q_proj.weight[:, 3] == 0).all()
+    assert any("layers.0.self_attn.q_proj had 1 inputs always zero" in note for note in context.notes)
+
+
+def test_a_group_size_that_does_not_divide_a_target_fails_in_one_line(tiny_model):
+    with pytest.raises(SlimlmError) as error:
+        run_quantize_stage(tiny_model, random_windows(tiny_model), method="rtn", group_size=48)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith("quantize.group_size: 48 does not divide the 64 input features of "
+                              "model.layers.0.self_attn.q_proj")
+    assert not any(hasattr(linear, QUANTIZED_ATTRIBUTE) for _, linear in named_decoder_linears(tiny_model))
+
+
+def test_non_finite_weights_are_reported_with_the_module_name(tiny_model):
+    decoder_layers(tiny_model)[1].mlp.up_proj.weight.data[0, 0] = float("inf")
+    with pytest.raises(SlimlmError, match=r"quantize \(rtn\): model\.layers\.1\.mlp\.up_proj has non-finite"):
+        run_quantize_stage(tiny_model, random_windows(tiny_model), method="rtn")
+
+
+def test_bfloat16_rounding_off_the_grid_is_noted(tiny_model):
+    tiny_model.to(torch.bfloat16)
+    context = run_quantize_stage(tiny_model, random_windows(tiny_model), method="rtn", bits=8)
+    assert any("rounded to bfloat16 and sit slightly off the grid" in note for note in context.notes)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"bits": 9}, "stages[0].quantize.bits: must be in 2..8"),
+        ({"bits": 1}, "stages[0].quantize.bits: must be in 2..8"),
+        ({"targets": ["q_proj", "qkv_proj"]}, "stages[0].quantize.targets: unknown projection 'qkv_proj'; known: "
+                                              "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
+        ({"targets": []}, "stages[0].quantize.targets: name at least one projection"),
+        ({"damp": 0}, "stages[0].quantize.damp: "),
+        ({"damp": 1}, "stages[0].quantize.damp: "),
+        ({"group_size": 0}, "stages[0].quantize.group_size: must be a positive number of input columns"),
+        ({"group_size": -1}, "stages[0].quantize.group_size: must be a positive number of input columns"),
+        ({"method": "awq"}, "stages[0].quantize.method: unknown method 'awq'; known: gptq, rtn"),
+        ({"blocksize": 0}, "stages[0].quantize.blocksize: "),
+        ({"bitz": 4}, "stages[0].quantize.bitz: unknown option"),
+    ],
+)
+def test_options_are_validated_in_one_line(options, message):
+    with pytest.raises(SlimlmError) as error:
+        parse_recipe({"model": "m", "stages": [{"quantize": options}]})
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
