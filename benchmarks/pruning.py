@@ -20,27 +20,16 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import re
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from slimlm.data import calibration_windows, load_text
-from slimlm.evaluate.footprint import PeakMemory, footprint_records
-from slimlm.evaluate.machine import machine_info
-from slimlm.evaluate.perplexity import ReferenceLogits, perplexity_records
-from slimlm.evaluate.speed import measure_speed
-from slimlm.models import load_model
+from common import StageBench, add_common_arguments, fmt, mib
+from slimlm.evaluate.footprint import PeakMemory
 from slimlm.prune.depth import RANKINGS, choose_layers
-from slimlm.recipe import CalibrationConfig
-from slimlm.registry import StageContext, get_stage
-from slimlm.report import atomic_write
 from slimlm.surgery import remove_decoder_layers
 
 DEPTH_COUNTS = (2, 4, 6, 8)
@@ -71,38 +60,12 @@ def ranked_depth_rows() -> list[tuple[str, str, int]]:
             for criterion, short in (("block_influence", "BI"), ("perplexity", "ppl")) for n in DEPTH_COUNTS]
 
 
-class Bench:
+class DepthBench(StageBench):
+    """Adds the depth rows that share one ranking per criterion."""
+
     def __init__(self, args):
-        self.args = args
-        loaded = load_model("smollm2-135m")
-        self.dense, self.tokenizer, self.description = loaded.model, loaded.tokenizer, loaded.source.description
-        self.calibration = CalibrationConfig(data="c4", samples=args.calib_samples, seq_len=args.calib_seq_len, seed=0)
-        self.windows = calibration_windows(self.tokenizer, load_text("c4"), args.calib_samples, args.calib_seq_len, 0)
-        self.wikitext = load_text("wikitext2")
-        self.reference = ReferenceLogits(self.dense, keep=True)
-        self.results = _load_results(args.out) if args.resume else {}
+        super().__init__(args)
         self.rankings: dict[str, tuple] = {}
-
-    def wanted(self, label: str) -> bool:
-        if label in self.results:
-            print(f"skip {label}: already in {self.args.out}", file=sys.stderr)
-            return False
-        return self.args.only is None or re.search(self.args.only, label) is not None
-
-    def context(self, output_dir: Path) -> StageContext:
-        return StageContext(self.tokenizer, self.calibration, output_dir, load_original=lambda: self.dense,
-                            _windows=self.windows)
-
-    def run_stage(self, label: str, stage: str, options: dict) -> None:
-        spec = get_stage(stage)
-        model = copy.deepcopy(self.dense)
-        with tempfile.TemporaryDirectory() as scratch:
-            context = self.context(Path(scratch))
-            with PeakMemory() as peak:
-                start = time.perf_counter()
-                model = spec.apply(model, spec.options(**options), context)
-                seconds = time.perf_counter() - start
-        self.measure(label, model, seconds, peak, {"stage": stage, "options": options, "notes": context.notes})
 
     def run_ranked_depth(self, label: str, criterion: str, count: int) -> None:
         if criterion not in self.rankings:
@@ -119,52 +82,9 @@ class Bench:
         seconds = rank_seconds + time.perf_counter() - start
         notes = [f"{criterion} ranking on {used} calibration windows, computed once and shared by the "
                  f"{'/'.join(map(str, DEPTH_COUNTS))} rows; removed layers {removed}"]
-        self.measure(label, model, seconds, peak, {"stage": "prune_depth", "options": {"remove": count,
-                                                   "criterion": criterion}, "notes": notes})
-
-    def measure(self, label: str, model, prune_seconds: float | None, peak: PeakMemory | None, extra: dict) -> None:
-        records = perplexity_records(model, self.tokenizer, self.wikitext, "wikitext2", 2048, self.args.eval_windows,
-                                     reference=self.reference)
-        records += footprint_records(model)
-        if self.args.speed_runs:
-            records += measure_speed(model, self.tokenizer, runs=self.args.speed_runs)
-        row = {r.metric: r.value for r in records}
-        row.update(
-            prune_seconds=prune_seconds,
-            peak_rss_bytes=None if peak is None else peak.peak_bytes,
-            peak_extra_rss_bytes=None if peak is None else peak.peak_bytes - peak.start_bytes,
-            protocols={r.metric: r.protocol for r in records},
-            **extra,
-        )
-        self.results[label] = row
-        self.save()
-        print(f"{label}: ppl {row['perplexity']:.2f}  KL {row.get('kl_divergence', 0):.4f}  "
-              f"prune {0 if prune_seconds is None else prune_seconds:.0f} s", file=sys.stderr, flush=True)
-
-    def save(self) -> None:
-        payload = {
-            "model": "smollm2-135m",
-            "description": self.description,
-            "machine": machine_info(),
-            "calibration": {"data": "c4", "samples": self.args.calib_samples, "seq_len": self.args.calib_seq_len,
-                            "seed": 0},
-            "evaluation": {"data": "wikitext2 test", "seq_len": 2048, "windows": self.args.eval_windows},
-            "rows": self.results,
-        }
-        self.args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.args.out, json.dumps(payload, indent=2, default=str).encode())
-
-
-def _load_results(path: Path) -> dict:
-    return json.loads(path.read_text())["rows"] if path.exists() else {}
-
-
-def _mib(value) -> str:
-    return "—" if value is None else f"{value / 2**20:.1f}"
-
-
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
+        self.measure(label, model, seconds, peak, {"stages": [("prune_depth", {"remove": count,
+                                                                               "criterion": criterion})],
+                                                   "notes": notes})
 
 
 def print_table(results: dict, description: str) -> None:
@@ -176,33 +96,27 @@ def print_table(results: dict, description: str) -> None:
     for label, row in results.items():
         sparse = row.get("sparse_2of4_bf16_bytes") or row.get("sparse_bitmask_bf16_bytes")
         table.add_row(
-            label, _fmt(row["perplexity"], ".2f"), _fmt(row.get("kl_divergence"), ".4f"),
-            _fmt(row.get("top1_agreement"), ".3f"), _fmt(row["params_nonzero"] / 1e6, ".1f"),
-            _mib(row["dense_bf16_bytes"]), _mib(sparse), _fmt(row.get("decode_tokens_per_s"), ".1f"),
-            _fmt(row.get("prefill_ms"), ".0f"), _fmt(row.get("prune_seconds"), ".0f"),
-            _mib(row.get("peak_extra_rss_bytes")),
+            label, fmt(row["perplexity"], ".2f"), fmt(row.get("kl_divergence"), ".4f"),
+            fmt(row.get("top1_agreement"), ".3f"), fmt(row["params_nonzero"] / 1e6, ".1f"),
+            mib(row["dense_bf16_bytes"]), mib(sparse), fmt(row.get("decode_tokens_per_s"), ".1f"),
+            fmt(row.get("prefill_ms"), ".0f"), fmt(row.get("seconds", row.get("prune_seconds")), ".0f"),
+            mib(row.get("peak_extra_rss_bytes")),
         )
     Console(width=220).print(table)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows of c4 (paper: 128)")
-    parser.add_argument("--calib-seq-len", type=int, default=2048)
-    parser.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows (None: all 148)")
+    add_common_arguments(parser, "pruning.json")
     parser.add_argument("--ppl-criterion-windows", type=int, default=4)
-    parser.add_argument("--speed-runs", type=int, default=3, help="0 skips the speed columns")
-    parser.add_argument("--only", help="regex on row labels")
-    parser.add_argument("--resume", action="store_true", help="keep rows already in --out and skip them")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pruning.json")
     args = parser.parse_args()
 
-    bench = Bench(args)
+    bench = DepthBench(args)
     if bench.wanted("dense"):
-        bench.measure("dense", bench.dense, None, None, {"stage": None, "options": {}, "notes": []})
+        bench.measure("dense", bench.dense, None, None, {"stages": [], "notes": []})
     for label, stage, options in stage_rows():
         if bench.wanted(label):
-            bench.run_stage(label, stage, options)
+            bench.run_stages(label, [(stage, options)])
     for label, criterion, count in ranked_depth_rows():
         if bench.wanted(label):
             bench.run_ranked_depth(label, criterion, count)

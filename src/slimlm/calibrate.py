@@ -101,18 +101,20 @@ def walk_layers(model: nn.Module, windows: torch.Tensor, visit: LayerVisitor, de
 
 
 class InputStats:
-    """Per-Linear statistics of its inputs: squared-norm per input channel (Wanda/OWL/AWQ) and, optionally,
-    the X^T X Hessian (SparseGPT/GPTQ/EoRA)."""
+    """Per-Linear statistics of its inputs: squared norm and absolute maximum per input channel (Wanda/OWL,
+    SmoothQuant) and, optionally, the X^T X Hessian (SparseGPT/GPTQ/EoRA)."""
 
     def __init__(self, in_features: int, device, hessian: bool, dtype: torch.dtype = torch.float32):
         self.count = 0
         self.sq_norm = torch.zeros(in_features, dtype=dtype, device=device)
+        self.abs_max = torch.zeros(in_features, dtype=dtype, device=device)  # SmoothQuant's max |X_j|
         self.xtx = torch.zeros(in_features, in_features, dtype=dtype, device=device) if hessian else None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.sq_norm.dtype)
         self.count += x.shape[0]
         self.sq_norm += (x * x).sum(dim=0)
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(dim=0))
         if self.xtx is not None:
             self.xtx += x.T @ x
 

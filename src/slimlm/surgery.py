@@ -174,3 +174,20 @@ def set_widths(config, changes: dict[str, int]) -> None:
 def count_parameters(model: nn.Module) -> int:
     """Parameters of the model, tied tensors counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- channel scales
+
+
+@torch.no_grad()
+def fold_channel_scales(producer: nn.Module, consumers: list[nn.Linear], scales: torch.Tensor) -> None:
+    """Divide the producer's output channels by s and multiply the consumers' input columns by s: the function is
+    unchanged (exactly, up to rounding) while each consumer's weights see the scaled columns (AWQ, SmoothQuant)."""
+    if isinstance(producer, nn.Linear):
+        producer.weight.div_(scales.view(-1, 1).to(producer.weight.dtype))
+        if producer.bias is not None:
+            producer.bias.div_(scales.to(producer.bias.dtype))
+    else:  # RMSNorm / LayerNorm: the output is weight ⊙ normalised(x)
+        producer.weight.div_(scales.to(producer.weight.dtype))
+    for linear in consumers:
+        linear.weight.mul_(scales.view(1, -1).to(linear.weight.dtype))

@@ -1,1 +1,2 @@
 from slimlm.quantize import gptq, rtn, stage  # noqa: F401  (registers the quantize stage and its methods)
+from slimlm.quantize import awq  # noqa: F401

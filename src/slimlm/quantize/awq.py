@@ -1,0 +1,131 @@
+"""AWQ (Lin et al. 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression and Acceleration").
+
+A few input channels carry much larger activations than the rest; their weights matter most. AWQ scales each input
+channel j of a group of Linears that read the same input by s_j = mean|X_j|^α (normalised), quantizes W·diag(s) and
+divides the activation by s, folding 1/s into the operation that produced X (an RMSNorm weight, or the rows of the
+Linear before), so the full-precision function is unchanged and only the rounding moves. α ∈ [0, 1) is chosen per
+group by grid search on the group's output error ‖X Wᵀ − (X/s) Q(W·s)ᵀ‖² (as llm-awq's auto_scale).
+
+Groups (llm-awq's LLaMA map): input_layernorm → q/k/v; v_proj → o_proj (only when v's outputs line up with o's
+inputs, i.e. no grouped-query attention — SmolLM2 and LLaMA-2-70B-style GQA skip it); post_attention_layernorm →
+gate/up; up_proj → down_proj. A group is scaled only when all its Linears are targets. Differences from llm-awq,
+said in the stage notes: the error is measured on the group's Linear outputs rather than through the whole attention
+or MLP block, on a seeded subset of `SEARCH_TOKENS` calibration tokens; no weight clipping search; each layer is
+quantized inside the walk, so the next layer is calibrated on quantized outputs (GPTQ-style), not full precision.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slimlm.calibrate import run_layer, walk_layers
+from slimlm.modules import layer_linears
+from slimlm.prune.unstructured import calibration_windows
+from slimlm.quantize.grid import QuantGrid, fake_quantize, quantize_codes
+from slimlm.quantize.stage import QuantizeOptions, register_quant_method, store_quantized
+from slimlm.surgery import fold_channel_scales
+
+# (module producing the input, Linears reading it), names inside a decoder layer
+SCALE_GROUPS = (
+    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.v_proj", ("self_attn.o_proj",)),
+    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.up_proj", ("mlp.down_proj",)),
+)
+GRID_POINTS = 20  # α = 0, 1/20, …, 19/20, as llm-awq
+SEARCH_TOKENS = 2048  # calibration tokens per group used in the search (CPU time grows linearly with it)
+
+
+def capture_group_inputs(layer: nn.Module, inputs, names: list[str], tokens: int, seed: int) -> dict[str, torch.Tensor]:
+    """The input of each named Linear over the calibration windows: a seeded subset of `tokens` rows, float32."""
+    linears = layer_linears(layer)
+    seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    handles = [linears[name].register_forward_pre_hook(lambda _m, args, n=name: seen[n].append(args[0].detach()))
+               for name in names]
+    try:
+        run_layer(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    generator = torch.Generator().manual_seed(seed)
+    captured = {}
+    for name, parts in seen.items():
+        rows = torch.cat([p.reshape(-1, p.shape[-1]) for p in parts]).float()
+        if rows.shape[0] > tokens:
+            rows = rows[torch.randperm(rows.shape[0], generator=generator)[:tokens].to(rows.device)]
+        captured[name] = rows
+    return captured
+
+
+def group_error(x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor, grid: QuantGrid,
+                references: list[torch.Tensor]) -> float:
+    """Σ over the group of mean ‖X Wᵀ − (X/s) Q(W·s)ᵀ‖² per output."""
+    scaled_x = x / scales
+    return sum(
+        (scaled_x @ fake_quantize(w * scales, grid).T - ref).pow(2).mean().item()
+        for w, ref in zip(weights, references)
+    )
+
+
+def search_scales(x: torch.Tensor, weights: list[torch.Tensor], grid: QuantGrid) -> tuple[torch.Tensor, float, float]:
+    """The per-input-channel scales with the lowest group error; returns (scales, α, error relative to α = 0)."""
+    activation = x.abs().mean(dim=0)
+    references = [x @ w.T for w in weights]
+    best = (None, 0.0, float("inf"))
+    baseline = None
+    for point in range(GRID_POINTS):
+        alpha = point / GRID_POINTS
+        scales = activation.pow(alpha).clamp(min=1e-4)
+        scales = scales / (scales.max() * scales.min()).sqrt()
+        error = group_error(x, weights, scales, grid, references)
+        baseline = error if baseline is None else baseline
+        if error < best[2]:
+            best = (scales, alpha, error)
+    return best[0], best[1], best[2] / baseline if baseline else 1.0
+
+
+def _scalable(layer: nn.Module, producer_name: str, consumer_names: tuple[str, ...], targets: set[str]) -> bool:
+    producer = layer.get_submodule(producer_name)
+    width = producer.out_features if isinstance(producer, nn.Linear) else producer.weight.shape[0]
+    linears = layer_linears(layer)
+    return all(name in targets and linears[name].in_features == width for name in consumer_names)
+
+
+def scale_layer(layer: nn.Module, inputs, grid: QuantGrid, targets: set[str], seed: int) -> list[str]:
+    """Search and fold the AWQ scales of every eligible group in the layer; returns a line per group."""
+    groups = [(p, c) for p, c in SCALE_GROUPS if _scalable(layer, p, c, targets)]
+    captured = capture_group_inputs(layer, inputs, [c[0] for _, c in groups], SEARCH_TOKENS, seed)
+    linears = layer_linears(layer)
+    lines = []
+    for producer_name, consumer_names in groups:
+        consumers = [linears[name] for name in consumer_names]
+        scales, alpha, relative = search_scales(captured[consumer_names[0]], [c.weight.float() for c in consumers],
+                                                grid)
+        fold_channel_scales(layer.get_submodule(producer_name), consumers, scales)
+        lines.append(f"{producer_name}→{'/'.join(n.rsplit('.', 1)[-1] for n in consumer_names)} α={alpha:.2f} "
+                     f"(error ×{relative:.2f})")
+    return lines
+
+
+@register_quant_method("awq")
+@torch.no_grad()
+def awq_quantize(model, options: QuantizeOptions, context) -> None:
+    """AWQ scales searched and folded layer by layer, then round-to-nearest on the scaled weights."""
+    grid, targets = options.grid(), set(options.layer_targets())
+    seed = context.calibration.seed
+    per_layer: list[str] = []
+
+    def quantize_layer(index: int, layer: nn.Module, inputs) -> None:
+        per_layer.append(f"layer {index}: " + ", ".join(scale_layer(layer, inputs, grid, targets, seed + index)))
+        for name, linear in layer_linears(layer).items():
+            if name in targets:
+                store_quantized(linear, quantize_codes(linear.weight, grid))
+
+    walk_layers(model, calibration_windows(model, context), quantize_layer, description="awq")
+    context.notes.append(
+        f"awq: α grid of {GRID_POINTS}, error on each group's Linear outputs over {SEARCH_TOKENS} sampled calibration "
+        "tokens, scales folded into the norm or Linear before (v→o skipped where grouped-query attention makes the "
+        "widths differ), no clipping search, then round-to-nearest; " + "; ".join(per_layer[:3])
+        + (f"; … ({len(per_layer)} layers)" if len(per_layer) > 3 else "")
+    )
