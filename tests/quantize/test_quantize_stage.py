@@ -109,7 +109,7 @@ def test_a_group_size_that_does_not_divide_a_target_fails_in_one_line(tiny_model
 
 def test_non_finite_weights_are_reported_with_the_module_name(tiny_model):
     decoder_layers(tiny_model)[1].mlp.up_proj.weight.data[0, 0] = float("inf")
-    with pytest.raises(SlimlmError, match=r"quantize \(rtn\): model\.layers\.1\.mlp\.up_proj has non-finite"):
+    with pytest.raises(SlimlmError, match=r"quantize \(rtn\): model\.layers\.1\.mlp\.up_proj\.weight has non-finite"):
         run_quantize_stage(tiny_model, random_windows(tiny_model), method="rtn")
 
 
@@ -131,7 +131,7 @@ def test_bfloat16_rounding_off_the_grid_is_noted(tiny_model):
         ({"damp": 1}, "stages[0].quantize.damp: "),
         ({"group_size": 0}, "stages[0].quantize.group_size: must be a positive number of input columns"),
         ({"group_size": -1}, "stages[0].quantize.group_size: must be a positive number of input columns"),
-        ({"method": "awq"}, "stages[0].quantize.method: unknown method 'awq'; known: gptq, rtn"),
+        ({"method": "hqq"}, "stages[0].quantize.method: unknown method 'hqq'; known: awq, gptq, rtn, smoothquant"),
         ({"blocksize": 0}, "stages[0].quantize.blocksize: "),
         ({"bitz": 4}, "stages[0].quantize.bitz: unknown option"),
     ],

@@ -16,7 +16,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.modules import PROJECTIONS, named_decoder_linears
+from slimlm.modules import PROJECTIONS, decoder_layers, named_decoder_linears
 from slimlm.quantize.grid import QuantGrid, QuantizedWeight
 from slimlm.registry import StageOptions, register_stage
 
@@ -109,13 +109,16 @@ def _check_group_size(targets: list[tuple[str, nn.Linear]], options: QuantizeOpt
             )
 
 
-def _check_finite(targets: list[tuple[str, nn.Linear]], options: QuantizeOptions) -> None:
-    for name, linear in targets:
+def _check_finite(model, options: QuantizeOptions) -> None:
+    """Every tensor of the decoder layers (weights, scales, whatever module a method put there) must be finite."""
+    for name, tensor in decoder_layers(model).state_dict(prefix="model.layers.").items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise SlimlmError(f"quantize ({options.method}): {name} has non-finite (NaN/Inf) values after "
+                              "quantization; check the original weights and calibration data")
+    for name, linear in target_linears(model, options):
         quantized = getattr(linear, QUANTIZED_ATTRIBUTE, None)
-        scale_ok = quantized is not None and torch.isfinite(quantized.scale).all()
-        if not (scale_ok and torch.isfinite(linear.weight).all()):
-            raise SlimlmError(f"quantize ({options.method}): {name} has non-finite (NaN/Inf) weights or scales "
-                              "after quantization; check the original weights and calibration data")
+        if quantized is not None and not torch.isfinite(quantized.scale.float()).all():
+            raise SlimlmError(f"quantize ({options.method}): {name} has non-finite (NaN/Inf) scales")
 
 
 def _rounding_note(targets: list[tuple[str, nn.Linear]]) -> str | None:
@@ -132,22 +135,28 @@ def _rounding_note(targets: list[tuple[str, nn.Linear]]) -> str | None:
             "the grid; the kept codes are exact")
 
 
+def _fake_quantization_note(options: QuantizeOptions, count: int) -> str:
+    granularity = "per output channel" if options.group_size is None else f"group size {options.group_size}"
+    return (
+        f"quantize: {options.method}, {options.bits}-bit "
+        f"{'symmetric (ggml Q4_0/Q8_0 scale rule)' if options.sym else 'asymmetric (integer zero point)'}, "
+        f"{granularity}, targets {', '.join(options.targets or TARGETS)} ({count} Linears; embeddings, norms "
+        "and the LM head stay as they were). Fake quantization: the weights are stored dequantized in the model's "
+        "dtype, so the file is no smaller and inference no faster until packed storage lands; quality figures are "
+        "those of the quantized model."
+    )
+
+
 @register_stage("quantize", QuantizeOptions)
 def quantize(model, options: QuantizeOptions, context):
     """Weight-only integer quantization of the decoder Linears (round-to-nearest or GPTQ), per group or channel."""
     targets = target_linears(model, options)
     _check_group_size(targets, options)
     QUANT_METHODS[options.method](model, options, context)
-    _check_finite(targets, options)
-    granularity = "per output channel" if options.group_size is None else f"group size {options.group_size}"
-    context.notes.append(
-        f"quantize: {options.method}, {options.bits}-bit "
-        f"{'symmetric (ggml Q4_0/Q8_0 scale rule)' if options.sym else 'asymmetric (integer zero point)'}, "
-        f"{granularity}, targets {', '.join(options.targets or TARGETS)} ({len(targets)} Linears; embeddings, norms "
-        "and the LM head stay as they were). Fake quantization: the weights are stored dequantized in the model's "
-        "dtype, so the file is no smaller and inference no faster until packed storage lands; quality figures are "
-        "those of the quantized model."
-    )
+    _check_finite(model, options)
+    targets = target_linears(model, options)  # a method may have replaced Linears by other modules
+    if targets:  # the method left dequantized weights in the Linears (rtn, gptq, awq)
+        context.notes.append(_fake_quantization_note(options, len(targets)))
     note = _rounding_note(targets)
     if note:
         context.notes.append(note)
