@@ -33,6 +33,7 @@ def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> N
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows of 2048 (all: 148)")
     parser.add_argument("--speed-runs", type=int, default=3, help="0 skips the speed columns")
+    parser.add_argument("--speed-rows", default=".", help="regex: rows whose speed is measured (default all)")
     parser.add_argument("--only", help="regex on row labels")
     parser.add_argument("--resume", action="store_true", help="keep rows already in --out and skip them")
     parser.add_argument("--out", type=Path, default=RESULTS / default_out)
@@ -86,7 +87,7 @@ class StageBench:
         records = perplexity_records(model, self.tokenizer, self.wikitext, "wikitext2", 2048, self.args.eval_windows,
                                      reference=self.reference)
         records += footprint_records(model, model_path)
-        if self.args.speed_runs:
+        if self.args.speed_runs and re.search(self.args.speed_rows, label):
             kernel = speed_kernel(model) if speed_kernel else "dense"
             records += measure_speed(model, self.tokenizer, runs=self.args.speed_runs, kernel=kernel)
         row = {r.metric: r.value for r in records}

@@ -77,12 +77,29 @@ def random_windows(model, samples: int = 4, seq_len: int = 16, seed: int = 0):
     return torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=generator)
 
 
-def run_prune_stage(model, windows, **options):
-    """The prune stage with these calibration windows (the recipe's data is not loaded); returns the context."""
+def run_stage(model, name: str, windows=None, original=None, **options):
+    """One stage, validated as a recipe would, on these calibration windows (seeded random ones by default; the
+    recipe's data is not loaded) with `original` as the uncompressed model; returns the context."""
     from slimlm.recipe import parse_recipe
     from slimlm.registry import StageContext, get_stage
 
-    recipe = parse_recipe({"model": "m", "stages": [{"prune": options}]})
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None, _windows=windows)
-    get_stage("prune").apply(model, recipe.stages[0].options, context)
+    recipe = parse_recipe({"model": "m", "stages": [{name: options}]})
+    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None,
+                           load_original=None if original is None else (lambda: original),
+                           _windows=random_windows(model, 8, 32) if windows is None else windows)
+    get_stage(name).apply(model, recipe.stages[0].options, context)
     return context
+
+
+def run_prune_stage(model, windows, **options):
+    """The prune stage with these calibration windows; returns the context."""
+    return run_stage(model, "prune", windows, **options)
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one thread: OpenMP barriers on a busy machine cost more than 64-wide matmuls gain."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

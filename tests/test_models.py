@@ -99,3 +99,28 @@ def test_builtin_model_is_converted_once_and_described_as_dequantized_q4_1():
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
     assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1]:])
+
+
+def _logits(model, windows):
+    with torch.no_grad():
+        return model(windows, use_cache=False).logits
+
+
+@pytest.mark.parametrize("stages", [
+    [("lowrank", {"method": "svd", "rank": 8})],
+    [("share", {"method": "tie_layers", "count": 1})],
+    [("quantize", {"method": "rtn", "bits": 4, "group_size": 32}), ("lowrank", {"method": "eora", "rank": 4})],
+], ids=["svd", "tie_layers", "packed+eora"])
+def test_slimlm_modules_survive_save_model_and_load_model(tiny_model, tiny_tokenizer, tmp_path, stages):
+    import copy
+
+    from conftest import random_windows, run_stage
+
+    original = copy.deepcopy(tiny_model)
+    for name, options in stages:
+        run_stage(tiny_model, name, original=original, **options)
+    windows = random_windows(tiny_model, samples=2, seq_len=16)
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "m")
+    reloaded = load_model(str(tmp_path / "m")).model
+    assert torch.equal(_logits(reloaded, windows), _logits(tiny_model, windows))
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in tiny_model.parameters())

@@ -157,6 +157,9 @@ def load_model(
     source = resolve_source(spec)
     loaders = {"builtin": _load_builtin, "folder": _load_folder, "gguf": _load_gguf, "hub": _load_hub}
     model, tokenizer = loaders[source.kind](source, torch_dtype(dtype), allow_pickle, trust_remote_code)
+    from slimlm.quantize.tie import retie_parameters
+
+    retie_parameters(model)  # cross-layer ties of the share stage (config.slimlm_tied_parameters)
     model.eval()
     return LoadedModel(model.to(device), tokenizer, source)
 
@@ -168,10 +171,22 @@ def _load_folder(source: ModelSource, dtype, allow_pickle: bool, trust_remote_co
     check_weight_files(folder, allow_pickle)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     check_architecture(config, str(folder / "config.json"))
-    model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=dtype, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code
-    )
+    model = _load_slimlm_modules(folder, config, dtype)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code
+        )
     return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def _load_slimlm_modules(folder: Path, config, dtype):
+    """A folder with slimlm's own modules (packed quantized Linears, low-rank factors) holds tensors that
+    from_pretrained would drop; None for a plain folder."""
+    from slimlm.lowrank.storage import load_lowrank_model
+    from slimlm.quantize.storage import load_packed_model
+
+    model = load_packed_model(folder, config, dtype)  # restores low-rank wrappers around packed Linears too
+    return model if model is not None else load_lowrank_model(folder, config, dtype)
 
 
 def _load_gguf(source: ModelSource, dtype, allow_pickle: bool, trust_remote_code: bool):
@@ -229,7 +244,15 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path, extra_jso
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        from slimlm.lowrank.storage import lowrank_extra_json
+        from slimlm.quantize.storage import write_quantization_section
+        from slimlm.quantize.tie import untied_state_dict
+
+        # transformers refuses tensors shared outside its declared ties: each cross-layer tie is written once
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=untied_state_dict(model))
+        extra_json = {**(extra_json or {}), **lowrank_extra_json(model)}
+
+        write_quantization_section(tmp, model)  # packed quantized Linears: their format, in config.json
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():

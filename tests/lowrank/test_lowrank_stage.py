@@ -81,7 +81,7 @@ def test_svd_default_targets_the_mlp_and_shrinks_it(original):
 
 def test_eora_after_rtn_lowers_the_error_against_the_original(original):
     model = copy.deepcopy(original)
-    run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16)
+    run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16, pack=False)
     windows = random_windows(model, 4, 32, seed=1)
     quantized_kl = _kl(original, model, windows)
     quantized_weights = {name: linear.weight.clone() for name, linear in named_decoder_linears(model)}
@@ -97,7 +97,7 @@ def test_eora_after_rtn_lowers_the_error_against_the_original(original):
 
 def test_eora_leaves_uncompressed_targets_alone(original):
     model = copy.deepcopy(original)
-    run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16, targets=["down_proj"])
+    run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16, targets=["down_proj"], pack=False)
     context = run_stage(model, original, "lowrank", method="eora", rank_ratio=0.25)
     wrapped = [name for name, module in model.named_modules() if isinstance(module, CompensatedLinear)]
     assert wrapped == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
@@ -118,7 +118,7 @@ def test_eora_refuses_a_width_pruned_model(original):
 @pytest.mark.parametrize("method", ["svd", "eora"])
 def test_a_rank_above_the_full_rank_names_the_module_and_changes_nothing(original, method):
     model = copy.deepcopy(original)
-    run_stage(model, original, "quantize", method="rtn", bits=4, group_size=16)
+    run_stage(model, original, "quantize", method="rtn", bits=4, group_size=16, pack=False)
     with pytest.raises(SlimlmError) as error:
         run_stage(model, original, "lowrank", method=method, rank=33, targets=["q_proj", "k_proj"])
     assert str(error.value) == ("lowrank.rank: 33 exceeds the full rank 32 of model.layers.0.self_attn.k_proj (32 "
@@ -171,7 +171,7 @@ def test_eora_observes_inputs_after_the_compensation_before_them(original, monke
     from slimlm.lowrank import eora
 
     model = copy.deepcopy(original)
-    run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16)
+    run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16, pack=False)
     seen, observe = [], eora._input_covariances
 
     def recording(layer, inputs, modules):

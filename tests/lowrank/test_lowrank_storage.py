@@ -26,7 +26,7 @@ def compressed():
     original = build_tiny_llama(VOCAB)
     model = copy.deepcopy(original)
     run_stage(model, original, "lowrank", method="svd", rank=8)
-    run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16)
+    run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16, pack=False)
     run_stage(model, original, "lowrank", method="eora", rank=4)
     yield model
     torch.set_num_threads(threads)

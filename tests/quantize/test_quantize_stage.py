@@ -43,21 +43,22 @@ def _logits(model, windows):
 def test_the_stage_puts_every_decoder_linear_on_its_grid(tiny_model, options):
     windows = random_windows(tiny_model)
     before = _logits(tiny_model, windows)
-    context = run_quantize_stage(tiny_model, windows, **options)
+    context = run_quantize_stage(tiny_model, windows, pack=False, **options)  # packing: test_packed.py
     grid = QuantGrid(options["bits"], options.get("sym", True), options["group_size"])
+    assert len(named_decoder_linears(tiny_model)) == 14
     for _, linear in named_decoder_linears(tiny_model):
         quantized = getattr(linear, QUANTIZED_ATTRIBUTE)
         assert quantized.grid == grid
         assert torch.equal(linear.weight, quantized.dequantize())  # float32 model: exactly the grid values
     after = _logits(tiny_model, windows)
     assert torch.isfinite(after).all() and not torch.equal(after, before)
-    assert any(f"quantize: {options['method']}, {options['bits']}-bit" in note and "Fake quantization" in note
-               for note in context.notes)
+    assert any(f"quantize: {options['method']}, {options['bits']}-bit" in note for note in context.notes)
+    assert any("not packed (pack: false)" in note for note in context.notes)
 
 
 def test_rtn_stage_is_round_to_nearest_of_each_weight(tiny_model):
     originals = {name: linear.weight.detach().clone() for name, linear in named_decoder_linears(tiny_model)}
-    run_quantize_stage(tiny_model, random_windows(tiny_model), method="rtn", bits=8, group_size=None)
+    run_quantize_stage(tiny_model, random_windows(tiny_model), method="rtn", bits=8, group_size=None, pack=False)
     for name, linear in named_decoder_linears(tiny_model):
         expected = quantize_codes(originals[name], QuantGrid(8, True, None))
         assert torch.equal(getattr(linear, QUANTIZED_ATTRIBUTE).codes, expected.codes)
@@ -66,7 +67,9 @@ def test_rtn_stage_is_round_to_nearest_of_each_weight(tiny_model):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_only_the_targets_are_quantized(tiny_model, method):
     originals = {name: linear.weight.detach().clone() for name, linear in named_decoder_linears(tiny_model)}
-    run_quantize_stage(tiny_model, random_windows(tiny_model), method=method, targets=["v_proj", "down_proj"])
+    run_quantize_stage(tiny_model, random_windows(tiny_model), method=method, targets=["v_proj", "down_proj"],
+                       pack=False)
+    assert len(named_decoder_linears(tiny_model)) == 14
     for name, linear in named_decoder_linears(tiny_model):
         targeted = name.endswith(("v_proj", "down_proj"))
         assert hasattr(linear, QUANTIZED_ATTRIBUTE) == targeted
@@ -90,7 +93,8 @@ def test_gptq_is_true_sequential_within_a_layer(tiny_model, monkeypatch):
 
 def test_a_dead_input_in_the_model_is_noted_and_causes_no_nan(tiny_model):
     decoder_layers(tiny_model)[0].input_layernorm.weight.data[3] = 0  # q/k/v of layer 0 never see channel 3
-    context = run_quantize_stage(tiny_model, random_windows(tiny_model), method="gptq", bits=3, act_order=True)
+    context = run_quantize_stage(tiny_model, random_windows(tiny_model), method="gptq", bits=3, act_order=True,
+                                 pack=False)
     for _, linear in named_decoder_linears(tiny_model):
         assert torch.isfinite(linear.weight).all()
     assert (decoder_layers(tiny_model)[0].self_attn.q_proj.weight[:, 3] == 0).all()

@@ -3,6 +3,11 @@
 Tied tensors (LM head sharing the token embedding) are counted once: a model's size is the storage it needs,
 not the number of names pointing into it. "Nonzero" counts exact zeros only, which is what unstructured
 pruning produces; sparsity only saves memory once an export stores it sparsely, so both figures are reported.
+
+A packed quantized Linear (slimlm.quantize.packed) holds its weight as buffers (codes, scales), not parameters; it
+counts as the out × in parameters it stands for, nonzero where a code dequantizes to a nonzero value, so
+params_total does not drop after quantization and bits_per_weight = 8 · size_on_disk / params_total is the
+stored bits per weight.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import psutil
 import torch
@@ -42,27 +48,53 @@ def _count_nonzero(tensor: torch.Tensor) -> int:
     return int(torch.count_nonzero(tensor.detach()).item())
 
 
+def _packed_linears(model: nn.Module) -> list[nn.Module]:
+    from slimlm.quantize.packed import quantized_linears  # slimlm.quantize imports this module
+
+    return [module for _, module in quantized_linears(model)]
+
+
+def _parameter_total(model: nn.Module) -> int:
+    """Unique parameters plus the weights packed Linears stand for."""
+    packed = sum(module.in_features * module.out_features for module in _packed_linears(model))
+    return sum(p.numel() for p in _unique_parameters(model)) + packed
+
+
+def _decoder_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, weight) of every decoder Linear in model order, a packed one's weight dequantized (one at a time)."""
+    plain = {id(linear) for _, linear in named_decoder_linears(model)}
+    packed = {id(module) for module in _packed_linears(model)}
+    for name, module in model.named_modules():
+        if id(module) in plain:
+            yield name, module.weight
+        elif id(module) in packed:
+            yield name, module.dequantize_weight()
+
+
 def parameter_counts(model: nn.Module) -> dict:
     """Parameters of `model`, tied tensors once.
 
     ``linear_*`` cover the weights of the decoder's Linear projections (q/k/v/o, gate/up/down: what pruning
-    acts on), not biases and not the LM head.
+    acts on, packed ones included), not biases and not the LM head.
     """
     params = _unique_parameters(model)
-    linear_weights = [linear.weight for _, linear in named_decoder_linears(model)]
+    packed_nonzero = sum(_count_nonzero(module.dequantize_weight()) for module in _packed_linears(model))
+    linear_total = linear_nonzero = 0
+    for _, weight in _decoder_weights(model):
+        linear_total += weight.numel()
+        linear_nonzero += _count_nonzero(weight)
     return {
-        "total": sum(p.numel() for p in params),
-        "nonzero": sum(_count_nonzero(p) for p in params),
-        "linear_total": sum(w.numel() for w in linear_weights),
-        "linear_nonzero": sum(_count_nonzero(w) for w in linear_weights),
+        "total": _parameter_total(model),
+        "nonzero": sum(_count_nonzero(p) for p in params) + packed_nonzero,
+        "linear_total": linear_total,
+        "linear_nonzero": linear_nonzero,
     }
 
 
 def layer_sparsity(model: nn.Module) -> list[dict]:
     """One row per decoder Linear: its full name, weight shape and fraction of exactly-zero weights."""
     rows = []
-    for name, linear in named_decoder_linears(model):
-        weight = linear.weight
+    for name, weight in _decoder_weights(model):
         rows.append(
             {
                 "name": name,
@@ -95,7 +127,7 @@ def size_on_disk(path: str | Path) -> int:
 
 def dense_sizes(model: nn.Module) -> dict:
     """Bytes a dense copy of the unique parameters would take in fp32 and in bf16."""
-    total = sum(p.numel() for p in _unique_parameters(model))
+    total = _parameter_total(model)
     return {"fp32": total * 4, "bf16": total * 2}
 
 
@@ -117,11 +149,14 @@ def sparse_format_sizes(model: nn.Module, value_bytes: int = 2) -> dict:
     params = _unique_parameters(model)
     linear_ids = {id(linear.weight) for _, linear in named_decoder_linears(model)}
     other = sum(p.numel() for p in params if id(p) not in linear_ids) * value_bytes
-    linears = [linear.weight for _, linear in named_decoder_linears(model)]
-    bitmask = sum(w.numel() / 8 + _count_nonzero(w) * value_bytes for w in linears)
-    all_2_of_4 = bool(linears) and all(_is_2_of_4(w) for w in linears)
-    two_four = sum(w.numel() // 2 * (value_bytes + 0.25) for w in linears) if all_2_of_4 else None
-    return {"bitmask": int(other + bitmask), "2:4": None if two_four is None else int(other + two_four)}
+    bitmask = two_four = 0.0
+    all_2_of_4, count = True, 0
+    for _, weight in _decoder_weights(model):  # packed weights are dequantized one at a time
+        bitmask += weight.numel() / 8 + _count_nonzero(weight) * value_bytes
+        two_four += weight.numel() // 2 * (value_bytes + 0.25)
+        all_2_of_4 = all_2_of_4 and _is_2_of_4(weight)
+        count += 1
+    return {"bitmask": int(other + bitmask), "2:4": int(other + two_four) if all_2_of_4 and count else None}
 
 
 def _sparse_format_records(model: nn.Module, base: dict) -> list[Record]:
@@ -137,8 +172,8 @@ def _sparse_format_records(model: nn.Module, base: dict) -> list[Record]:
 
 
 def _in_memory_bits(model: nn.Module) -> float:
-    params = _unique_parameters(model)
-    return sum(p.numel() * p.element_size() * 8 for p in params) / max(1, sum(p.numel() for p in params))
+    tensors = _unique_parameters(model) + [buffer for module in _packed_linears(model) for buffer in module.buffers()]
+    return sum(t.numel() * t.element_size() * 8 for t in tensors) / max(1, _parameter_total(model))
 
 
 def footprint_records(model: nn.Module, model_path: str | Path | None = None) -> list[Record]:

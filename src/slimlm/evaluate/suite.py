@@ -45,6 +45,9 @@ def evaluate_model(
         records += footprint_module.footprint_records(model, model_path)
     if config.speed:
         from slimlm.evaluate.speed import measure_speed
+        from slimlm.quantize.packed import kernel_label
 
-        records += measure_speed(model, tokenizer, prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens)
+        # which matmul ran (dense, a low-bit kernel, or dequantize-then-multiply) goes with every speed figure
+        records += measure_speed(model, tokenizer, prompt_tokens=config.prompt_tokens, new_tokens=config.new_tokens,
+                                 kernel=kernel_label(model))
     return records

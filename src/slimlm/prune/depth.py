@@ -260,7 +260,10 @@ def prune_depth(model, options: DepthOptions, context):
     ranking = RANKINGS[options.criterion](model, windows, count, options.contiguous)
     removed = choose_layers(ranking, count, options.contiguous)
     params_before = count_parameters(model)
-    remove_decoder_layers(model, removed)
+    kept = remove_decoder_layers(model, removed)
+    # which original layers survive, across repeated depth stages: distillation maps student layers to teacher ones
+    earlier = getattr(model.config, "slimlm_kept_layers", None) or list(range(num_layers))
+    model.config.slimlm_kept_layers = [earlier[index] for index in kept]
     context.notes.append(f"prune_depth ({options.criterion}{', contiguous block' if options.contiguous else ''}): "
                          f"removed layers {removed} of {num_layers} (original numbering); "
                          f"{describe_ranking(ranking, removed)}")

@@ -2,9 +2,12 @@
 
 A method is a function ``quantize(model, options, context)`` registered in `QUANT_METHODS` that puts every target
 Linear on the options' grid with `store_quantized`: round-to-nearest (rtn.py) needs no data, GPTQ (gptq.py) walks the
-calibration windows. This is fake quantization for now: each Linear's weight holds the dequantized values in the
-model's dtype, and the exact codes, float16 scales and zero points ride along as the non-persistent attribute
-``linear.slimlm_quantized`` (a QuantizedWeight; not saved with the model) for the packed storage to come.
+calibration windows. A method leaves each Linear fake-quantized: its weight holds the dequantized values in the
+model's dtype, and the exact codes, float16 scales and zero points ride along as the attribute
+``linear.slimlm_quantized`` (a QuantizedWeight). The stage then packs those Linears (packed.py: QuantizedLinear,
+codes at their bit width, float16 scales), so the saved folder holds the packed tensors and the forward pass runs
+a real low-bit kernel where one exists; ``pack: false`` keeps the fake-quantized Linears (for stages that edit
+weights in place afterwards), at full size and speed.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class QuantizeOptions(StageOptions):
     group_size: int | None = 64  # input columns per scale; None: one scale per output channel
     sym: bool = True
     targets: list[str] | None = None  # projection names (q_proj ... down_proj); None: all of them
+    pack: bool = True  # replace the fake-quantized Linears by packed QuantizedLinears (see the module docstring)
     # GPTQ settings, ignored by rtn
     act_order: bool = False
     damp: float = Field(0.01, gt=0, lt=1)
@@ -135,16 +139,35 @@ def _rounding_note(targets: list[tuple[str, nn.Linear]]) -> str | None:
             "the grid; the kept codes are exact")
 
 
-def _fake_quantization_note(options: QuantizeOptions, count: int) -> str:
+def _quantization_note(options: QuantizeOptions, count: int) -> str:
     granularity = "per output channel" if options.group_size is None else f"group size {options.group_size}"
     return (
         f"quantize: {options.method}, {options.bits}-bit "
         f"{'symmetric (ggml Q4_0/Q8_0 scale rule)' if options.sym else 'asymmetric (integer zero point)'}, "
         f"{granularity}, targets {', '.join(options.targets or TARGETS)} ({count} Linears; embeddings, norms "
-        "and the LM head stay as they were). Fake quantization: the weights are stored dequantized in the model's "
-        "dtype, so the file is no smaller and inference no faster until packed storage lands; quality figures are "
-        "those of the quantized model."
+        "and the LM head stay as they were)."
     )
+
+
+def _storage_note(model, options: QuantizeOptions) -> str:
+    """Pack the fake-quantized Linears (unless `pack: false`) and say what is stored and what computes them."""
+    if not options.pack:
+        return ("quantize: not packed (pack: false): the weights are stored dequantized in the model's dtype, so the "
+                "file is no smaller and inference no faster; quality figures are those of the quantized model.")
+    from slimlm.quantize.packed import kernel_label, pack_model, quantized_linears  # packed.py imports this module
+
+    count = pack_model(model)
+    used = {module.kernel for _, module in quantized_linears(model)}
+    runs = []
+    if used - {"dequantized"}:
+        runs.append("the low-bit kernels take bfloat16 activations, scales and outputs, so quality figures include "
+                    "that rounding")
+    if "dequantized" in used:
+        runs.append("a dequantized Linear expands its weight before a full-precision matmul: no low-bit speedup")
+    zeros = "" if options.sym else " and uint8 zero points"
+    return (f"quantize: packed {count} Linears: {options.bits}-bit codes bit-packed into uint8, float16 scales{zeros}; "
+            "the saved folder holds these tensors (config.json section slimlm_quantization), so the size on disk is "
+            f"the packed size. Matmul: {kernel_label(model)}; {'; '.join(runs)}.")
 
 
 @register_stage("quantize", QuantizeOptions)
@@ -156,8 +179,10 @@ def quantize(model, options: QuantizeOptions, context):
     _check_finite(model, options)
     targets = target_linears(model, options)  # a method may have replaced Linears by other modules
     if targets:  # the method left dequantized weights in the Linears (rtn, gptq, awq)
-        context.notes.append(_fake_quantization_note(options, len(targets)))
+        context.notes.append(_quantization_note(options, len(targets)))
     note = _rounding_note(targets)
     if note:
         context.notes.append(note)
+    if targets:
+        context.notes.append(_storage_note(model, options))
     return model

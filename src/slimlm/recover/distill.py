@@ -1,0 +1,253 @@
+"""The `distill` stage: train a pruned or quantized student to imitate the uncompressed original (or other teachers).
+
+Logit losses (forward KL, Hinton et al. 2015; reverse KL, MiniLLM; generalized JSD, GKD), hidden-state and
+attention transfer through a layer map (layers.py), an LM loss, on-policy batches (GKD), QAT onto a quantization
+grid and pruning masks kept (constraints.py), and an optional on-disk top-k teacher cache (teacher.py). Training
+runs on the shared accelerate loop (trainer.py) with checkpoints in the stage's scratch folder, so a pipeline
+``--resume`` after a crash continues mid-stage; the checkpoints are deleted once the stage has finished.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from torch import nn
+
+from slimlm.errors import SlimlmError
+from slimlm.modules import decoder_layers
+from slimlm.quantize.grid import QuantGrid
+from slimlm.recover import constraints
+from slimlm.recover.checkpoint import remove_checkpoints
+from slimlm.recover.data import WindowOrder, packed_windows
+from slimlm.recover.layers import matching_head_pairs, resolve_layer_map
+from slimlm.recover.objectives import DistillObjective, LossWeights
+from slimlm.recover.options import QatOptions, TrainingOptions, fraction, non_negative, positive, stage_folder
+from slimlm.recover.teacher import Teachers, TopKCache, cache_key, frozen
+from slimlm.recover.trainer import train
+from slimlm.registry import register_stage
+from slimlm.streaming import require_materialized
+
+
+class TeacherSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str = "original"  # 'original' (the pipeline's uncompressed model) or a model folder / .gguf / hub id
+    weight: float = 1.0
+
+    @field_validator("weight")
+    @classmethod
+    def _weight(cls, value: float) -> float:
+        return positive(value)
+
+
+class DistillLoss(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kl: float = 1.0
+    reverse_kl: float = 0.0
+    jsd: float = 0.0
+    hidden: float = 0.0
+    attention: float = 0.0
+    lm: float = 0.0
+
+    @field_validator("*")
+    @classmethod
+    def _weights(cls, value: float) -> float:
+        return non_negative(value)
+
+
+class DistillOptions(TrainingOptions):
+    teacher: list[TeacherSpec] = Field(default_factory=lambda: [TeacherSpec()])
+    loss: DistillLoss = Field(default_factory=DistillLoss)
+    temperature: float = 1.0
+    jsd_beta: float = 0.5
+    hidden_metric: Literal["mse", "cosine"] = "mse"
+    on_policy: float = 0.0  # fraction of micro-batches sampled from the student (GKD's λ)
+    layer_map: list[int] | None = None  # teacher layer of each student layer (hidden/attention losses)
+    qat: QatOptions | None = None
+    teacher_topk: int | None = None  # cache the teacher's top-k log-probs on disk instead of running it each step
+
+    @field_validator("teacher", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        if isinstance(value, str):
+            return [{"model": value}]
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one teacher")
+        return value
+
+    @field_validator("loss")
+    @classmethod
+    def _some_loss(cls, value: DistillLoss) -> DistillLoss:
+        if not any(vars(value).values()):
+            raise ValueError("every loss weight is 0; give at least one a positive weight")
+        return value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return positive(value)
+
+    @field_validator("jsd_beta", "on_policy")
+    @classmethod
+    def _fractions(cls, value: float) -> float:
+        return fraction(value)
+
+    @field_validator("layer_map")
+    @classmethod
+    def _indices(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(index < 0 for index in value):
+            raise ValueError("layer indices must be >= 0")
+        return value
+
+    @field_validator("teacher_topk")
+    @classmethod
+    def _cache_needs_logits_only(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return value
+        if value < 1:
+            raise ValueError("must be at least 1")
+        loss = info.data.get("loss")
+        if info.data.get("on_policy") or (loss is not None and (loss.hidden or loss.attention)):
+            raise ValueError("the cache holds the teacher's logits only; on_policy, loss.hidden and loss.attention "
+                             "need the live teacher")
+        return value
+
+
+def _dtype_name(model: nn.Module) -> str:
+    return str(next(model.parameters()).dtype).removeprefix("torch.")
+
+
+def load_teachers(specs: list[TeacherSpec], context, student: nn.Module) -> Teachers:
+    """The teacher models (the pipeline's original shared, others loaded in the student's dtype)."""
+    from slimlm.models import load_model
+
+    models = []
+    for spec in specs:
+        if spec.model == "original":
+            if getattr(context, "load_original", None) is None:
+                raise SlimlmError("distill.teacher: 'original' needs the pipeline's original model; none was given")
+            models.append(context.load_original())
+        else:
+            models.append(load_model(spec.model, _dtype_name(student)).model)
+        teacher_vocab, student_vocab = models[-1].config.vocab_size, student.config.vocab_size
+        if teacher_vocab != student_vocab:
+            raise SlimlmError(f"distill.teacher: {spec.model} has a vocabulary of {teacher_vocab} tokens, the student "
+                              f"{student_vocab}; their distributions cannot be compared")
+    return Teachers(models, [spec.weight for spec in specs])
+
+
+def _layer_pairs(student, teachers: Teachers, options: DistillOptions, notes: list[str]):
+    """(student, teacher) layer pairs for the hidden loss and those with equal head counts for the attention loss."""
+    if not (options.loss.hidden or options.loss.attention):
+        return [], []
+    is_original = options.teacher[0].model == "original"
+    layer_map, how = resolve_layer_map(student, len(decoder_layers(teachers.first)), options.layer_map, is_original)
+    pairs = list(enumerate(layer_map))
+    attention_pairs = matching_head_pairs(student, teachers.first, layer_map) if options.loss.attention else []
+    if options.loss.attention and not attention_pairs:
+        raise SlimlmError("distill.loss.attention: no mapped layer pair has the same number of attention heads in "
+                          "student and teacher; set it to 0 or change layer_map")
+    notes.append(f"distill: layer map student→teacher {layer_map} ({how}); attention transfer on "
+                 f"{len(attention_pairs)} of {len(pairs)} pairs" if options.loss.attention else
+                 f"distill: layer map student→teacher {layer_map} ({how})")
+    return pairs, attention_pairs
+
+
+def _projection(student, teacher, options: DistillOptions) -> nn.Module | None:
+    """A learned student→teacher width map for the hidden loss, only when the widths differ (FitNets' regressor)."""
+    width_s, width_t = student.config.hidden_size, teacher.config.hidden_size
+    if not options.loss.hidden or width_s == width_t:
+        return None
+    return nn.Linear(width_s, width_t, bias=False, dtype=next(student.parameters()).dtype)
+
+
+def _attach_qat(student, options: DistillOptions):
+    if options.qat is None:
+        return [], None
+    grid = QuantGrid(options.qat.bits, options.qat.sym, options.qat.group_size)
+    linears = constraints.qat_targets(student, options.qat.targets)
+    for name, linear in linears:
+        if options.qat.group_size is not None and linear.in_features % options.qat.group_size:
+            raise SlimlmError(f"distill.qat.group_size: {options.qat.group_size} does not divide the "
+                              f"{linear.in_features} input features of {name}; use a divisor or null")
+    constraints.attach_fake_quantization(linears, grid)
+    return linears, grid
+
+
+def _teacher_cache(teachers: Teachers, windows, options: DistillOptions, folder, notes) -> TopKCache:
+    """The top-k cache for the windows this run reads; built once, reused by later runs with the same inputs."""
+    import os
+
+    order = WindowOrder(len(windows), options.batch_size, options.seed)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    window_ids = order.windows_visited(options.steps * options.grad_accum, world)
+    key = cache_key([t.model for t in options.teacher], teachers.weights, options.temperature,
+                    options.teacher_topk, windows, window_ids)
+    path = folder.parent / "teacher-cache" / f"top{options.teacher_topk}-{key}.pt"
+    if not path.is_file():
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with frozen(teachers.models, device=device):
+            TopKCache.build(path, teachers, windows, window_ids, options.temperature, options.teacher_topk,
+                            options.batch_size, device)
+        notes.append(f"distill: teacher top-{options.teacher_topk} cache written for {len(window_ids)} windows "
+                     f"({path.stat().st_size / 2**20:.1f} MiB): {path}")
+    else:
+        notes.append(f"distill: teacher top-{options.teacher_topk} cache reused: {path}")
+    return TopKCache(path, teachers.first.config.vocab_size)
+
+
+@register_stage("distill", DistillOptions)
+def distill(model, options: DistillOptions, context):
+    """Knowledge distillation from the original (KL / reverse KL / JSD, hidden, attention, on-policy, QAT)."""
+    require_materialized(model, "distillation")
+    notes = context.notes
+    teachers = load_teachers(options.teacher, context, model)
+    pairs, attention_pairs = _layer_pairs(model, teachers, options, notes)  # model-dependent checks first
+    windows = packed_windows(context.tokenizer, options.data, options.seq_len)
+    folder = stage_folder(context, "distill", options, model)
+    start_device, attention_kernel = next(model.parameters()).device, model.config._attn_implementation
+    qat_linears, grid = _attach_qat(model, options)
+    masks = constraints.SparsityMasks(model) if options.keep_sparsity else None
+    if options.loss.attention:
+        model.set_attn_implementation("eager")  # attention probabilities exist only in eager attention
+    cache = _teacher_cache(teachers, windows, options, folder, notes) if options.teacher_topk else None
+    objective = DistillObjective(
+        None if cache is not None else teachers,
+        LossWeights(**vars(options.loss)), options.temperature, options.jsd_beta, pairs, attention_pairs,
+        options.hidden_metric, _projection(model, teachers.first, options), options.on_policy, options.seed, cache)
+    live = [] if cache is not None else teachers.models
+    with frozen(live, eager_attention=bool(options.loss.attention)):
+        result = train(model, windows, objective, options.train_config("distill"), folder,
+                       after_step=masks.apply if masks else None)
+    model = result.model
+    if qat_linears:
+        constraints.detach_fake_quantization(qat_linears, grid)
+    elif constraints.drop_stale_codes(model):
+        notes.append("distill: weights changed after quantization; the stored codes were dropped (re-run quantize "
+                     "to pack, or use qat to train on the grid)")
+    if options.loss.attention and attention_kernel:
+        model.set_attn_implementation(attention_kernel)
+    model.to(start_device)
+    _report(notes, options, result, windows, masks, qat_linears)
+    remove_checkpoints(folder / "checkpoints")
+    return model
+
+
+def _loss(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def _report(notes, options: DistillOptions, result, windows, masks, qat_linears) -> None:
+    active = {name: weight for name, weight in vars(options.loss).items() if weight}
+    teachers = ", ".join(f"{t.model}×{t.weight:g}" for t in options.teacher)
+    resumed = f", resumed at step {result.resumed_from}" if result.resumed_from is not None else ""
+    notes.append(f"distill: {result.steps} steps × {options.batch_size}×{options.grad_accum} windows of "
+                 f"{options.seq_len} tokens from {options.data} ({len(windows)} packed windows){resumed}; "
+                 f"teacher {teachers}; losses {active}, τ={options.temperature:g}, on-policy λ={options.on_policy:g}; "
+                 f"loss {_loss(result.first_loss)} → {_loss(result.last_loss)}; metrics: {result.metrics_path}")
+    if masks:
+        notes.append(f"distill: pruning masks kept on {len(masks)} Linears ({masks.sparsity():.1%} zeros)")
+    if qat_linears:
+        notes.append(f"distill: QAT on {len(qat_linears)} Linears ({options.qat.bits}-bit, group "
+                     f"{options.qat.group_size}, {'sym' if options.qat.sym else 'asym'}); the weights end on the grid")
