@@ -28,8 +28,9 @@ from slimlm.report import atomic_write
 RESULTS = Path(__file__).parent / "results"
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
-    parser.add_argument("--calib-samples", type=int, default=16, help="calibration windows of c4 (papers: 128)")
+def add_common_arguments(parser: argparse.ArgumentParser, default_out: str, calib_samples: int = 16) -> None:
+    parser.add_argument("--calib-samples", type=int, default=calib_samples,
+                        help=f"calibration windows of c4 (papers: 128; default {calib_samples} to fit 2 CPU cores)")
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows of 2048 (all: 148)")
     parser.add_argument("--speed-runs", type=int, default=3, help="0 skips the speed columns")

@@ -13,7 +13,7 @@ uses the first `--ppl-criterion-windows` calibration windows (said in the row's 
 
 Results go to JSON after every row (atomically), so `--resume` skips rows already measured.
 
-    python benchmarks/pruning.py [--calib-samples 16] [--eval-windows 8] [--only REGEX] [--resume]
+    python benchmarks/pruning.py [--calib-samples 4] [--eval-windows 8] [--only REGEX] [--resume]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def print_table(results: dict, description: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser, "pruning.json")
+    add_common_arguments(parser, "pruning.json", calib_samples=4)
     parser.add_argument("--ppl-criterion-windows", type=int, default=4)
     args = parser.parse_args()
     if args.speed_rows == ".":

@@ -12,7 +12,7 @@ blocks can land back on the stored values and flatter 4-bit methods, which is wh
 The speed columns name the kernel that ran: a low-bit kernel, or "dequantized" (weights expanded, then an
 ordinary matmul: no low-bit speedup is claimed).
 
-    python benchmarks/quantization.py [--calib-samples 16] [--eval-windows 8] [--only REGEX] [--resume]
+    python benchmarks/quantization.py [--calib-samples 4] [--eval-windows 8] [--only REGEX] [--resume]
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def print_table(results: dict, description: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_arguments(parser, "quantization.json")
+    add_common_arguments(parser, "quantization.json", calib_samples=4)
     args = parser.parse_args()
 
     bench = StageBench(args)

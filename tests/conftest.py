@@ -96,9 +96,13 @@ def run_prune_stage(model, windows, **options):
     return run_stage(model, "prune", windows, **options)
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers on a busy machine cost more than 64-wide matmuls gain."""
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models run fastest on one thread: OpenMP barriers on a busy machine cost more than 64-wide matmuls gain.
+    Tests on the real model (marker `builtin`) keep torch's default."""
+    if request.node.get_closest_marker("builtin"):
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

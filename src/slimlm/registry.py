@@ -16,6 +16,23 @@ from pydantic import BaseModel, ConfigDict
 FAMILIES = ("slimlm.prune", "slimlm.quantize", "slimlm.lowrank", "slimlm.recover")
 
 
+class MethodRegistry(dict):
+    """name -> function(model, options, context) of one stage's methods: ``@METHODS.register("wanda")`` adds one,
+    ``METHODS.check(name)`` is the options validator (one line naming the known methods)."""
+
+    def register(self, name: str) -> Callable[[Callable], Callable]:
+        def decorate(fn: Callable) -> Callable:
+            self[name] = fn
+            return fn
+
+        return decorate
+
+    def check(self, name: str) -> str:
+        if name not in self:
+            raise ValueError(f"unknown method '{name}'; known: {', '.join(sorted(self))}")
+        return name
+
+
 class StageOptions(BaseModel):
     """Base of every stage's options: unknown keys are an error, not silently ignored."""
 

@@ -19,15 +19,6 @@ from conftest import build_tiny_llama, random_windows
 VOCAB = 300
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture()
 def original():
     return build_tiny_llama(VOCAB)

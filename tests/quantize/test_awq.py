@@ -11,14 +11,6 @@ from slimlm.quantize.grid import QuantGrid, fake_quantize
 from test_quantize_stage import run_quantize_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _with_outlier_channels(model, channels=(3, 17, 40), factor=30.0):
     """Real LLMs have a few input channels with huge activations; a random tiny model needs them put in."""
     with torch.no_grad():

@@ -23,14 +23,6 @@ from conftest import random_windows
 from test_quantize_stage import run_quantize_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _logits(model, windows):
     with torch.no_grad():
         return model(windows, use_cache=False).logits

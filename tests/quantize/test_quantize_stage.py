@@ -11,15 +11,6 @@ from slimlm.recipe import parse_recipe
 from conftest import random_windows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread: OpenMP barriers on a busy machine cost more than 64-wide matmuls gain."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_quantize_stage(model, windows, **options):
     """The quantize stage with these calibration windows (the recipe's data is not loaded); returns the context."""
     from slimlm.registry import StageContext, get_stage

@@ -12,15 +12,6 @@ from slimlm.registry import StageContext, get_stage
 from conftest import build_tiny_llama, random_windows
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run fastest on one thread on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _share(model, windows=None, **options) -> StageContext:
     """Run the stage directly (no recipe file); `windows` stand in for the calibration data."""
     context = StageContext(tokenizer=None, calibration=CalibrationConfig(samples=4, seq_len=16), output_dir=None,

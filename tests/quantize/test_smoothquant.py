@@ -10,14 +10,6 @@ from test_awq import _logit_error, _with_outlier_channels
 from test_quantize_stage import run_quantize_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_per_token_int8_round_trip_is_within_half_a_step():
     x = torch.randn(5, 64) * torch.tensor([1.0, 10.0, 0.1, 3.0, 50.0]).unsqueeze(1)
     codes, scale = quantize_per_token(x)

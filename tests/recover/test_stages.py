@@ -17,15 +17,6 @@ from slimlm.recover.trainer import TrainConfig, train
 from slimlm.registry import StageContext, get_stage
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _documents(folder) -> str:
     """A small .jsonl text set: tokenizing it is instant, unlike the 1,000-document C4 sample."""
     path = folder / "docs.jsonl"

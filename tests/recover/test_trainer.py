@@ -15,15 +15,6 @@ from slimlm.recover.trainer import TrainConfig, train
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy machine they lose a lot to oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _teacher():
     """A teacher with confident predictions (a scaled LM head), so there is something to learn."""
     teacher = build_tiny_llama(VOCAB, seed=0, layers=2, tie=False)

@@ -14,7 +14,7 @@ the fewest singular values holding a fraction of the squared Frobenius norm (``e
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, Literal
+from typing import Iterator, Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -24,21 +24,16 @@ from slimlm.errors import SlimlmError
 from slimlm.lowrank.factorize import rank_from_options
 from slimlm.modules import MLP_PROJECTIONS, decoder_layers
 from slimlm.quantize.stage import TARGETS
-from slimlm.registry import StageOptions, register_stage
+from slimlm.registry import MethodRegistry, StageOptions, register_stage
 
 # method name -> function(model, options, context) that factorizes or compensates the targets in place
-LOWRANK_METHODS: dict[str, Callable] = {}
+LOWRANK_METHODS = MethodRegistry()
 # Targets when the recipe names none: factorizing attention projections costs far more quality per parameter saved
 # than the wide MLP matrices, whereas a compensation only adds a correction, so EoRA goes everywhere.
 DEFAULT_TARGETS = {"svd": [name.rsplit(".", 1)[-1] for name in MLP_PROJECTIONS], "eora": list(TARGETS)}
 
 
-def register_lowrank_method(name: str):
-    def decorate(fn: Callable) -> Callable:
-        LOWRANK_METHODS[name] = fn
-        return fn
-
-    return decorate
+register_lowrank_method = LOWRANK_METHODS.register
 
 
 class LowRankOptions(StageOptions):

@@ -10,36 +10,22 @@ counts the size a sparse storage format would take.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from slimlm.modules import decoder_layers, layer_linears
 from slimlm.prune.masks import nm_mask, parse_pattern, unstructured_mask
-from slimlm.registry import StageOptions, register_stage
+from slimlm.registry import MethodRegistry, StageOptions, register_stage
 from slimlm.streaming import require_materialized
 
 # method name -> function(model, options, context) that prunes the model in place
-PRUNE_METHODS: dict[str, Callable] = {}
+PRUNE_METHODS = MethodRegistry()
 # allocation name -> function(model, options, context) -> sparsity of each decoder layer
-ALLOCATIONS: dict[str, Callable] = {}
-
-
-def register_prune_method(name: str):
-    def decorate(fn: Callable) -> Callable:
-        PRUNE_METHODS[name] = fn
-        return fn
-
-    return decorate
-
-
-def register_allocation(name: str):
-    def decorate(fn: Callable) -> Callable:
-        ALLOCATIONS[name] = fn
-        return fn
-
-    return decorate
+ALLOCATIONS = MethodRegistry()
+register_prune_method = PRUNE_METHODS.register
+register_allocation = ALLOCATIONS.register
 
 
 class PruneOptions(StageOptions):
@@ -58,9 +44,7 @@ class PruneOptions(StageOptions):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in PRUNE_METHODS:
-            raise ValueError(f"unknown method '{value}'; known: {', '.join(sorted(PRUNE_METHODS))}")
-        return value
+        return PRUNE_METHODS.check(value)
 
     @field_validator("sparsity")
     @classmethod

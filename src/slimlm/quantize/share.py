@@ -14,7 +14,7 @@ are really shared in memory and counted once.
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field, ValidationInfo, field_validator
@@ -28,21 +28,16 @@ from slimlm.prune.unstructured import calibration_windows
 from slimlm.quantize.kmeans import cluster_weight, codebook_bytes, store_codebook
 from slimlm.quantize.stage import TARGETS, QuantizeOptions, target_linears
 from slimlm.quantize.tie import adjacent_similarities, select_pairs, tie_group, tie_groups
-from slimlm.registry import StageOptions, register_stage
+from slimlm.registry import MethodRegistry, StageOptions, register_stage
 from slimlm.streaming import require_materialized
 
 # method name -> function(model, options, context) that shares the target weights in place
-SHARE_METHODS: dict[str, Callable] = {}
+SHARE_METHODS = MethodRegistry()
 # the quantize stage's checks of `bits` and `targets`, reused as they are (same names, same messages)
 _QUANTIZE_CHECKS = QuantizeOptions.__pydantic_decorators__.field_validators
 
 
-def register_share_method(name: str):
-    def decorate(fn: Callable) -> Callable:
-        SHARE_METHODS[name] = fn
-        return fn
-
-    return decorate
+register_share_method = SHARE_METHODS.register
 
 
 class ShareOptions(StageOptions):
@@ -62,9 +57,7 @@ class ShareOptions(StageOptions):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in SHARE_METHODS:
-            raise ValueError(f"unknown method '{value}'; known: {', '.join(sorted(SHARE_METHODS))}")
-        return value
+        return SHARE_METHODS.check(value)
 
     @field_validator("bits")
     @classmethod

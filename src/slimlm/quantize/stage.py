@@ -12,7 +12,6 @@ weights in place afterwards), at full size and speed.
 
 from __future__ import annotations
 
-from typing import Callable
 
 import torch
 from pydantic import Field, field_validator
@@ -21,22 +20,17 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.modules import PROJECTIONS, decoder_layers, named_decoder_linears
 from slimlm.quantize.grid import QuantGrid, QuantizedWeight
-from slimlm.registry import StageOptions, register_stage
+from slimlm.registry import MethodRegistry, StageOptions, register_stage
 
 # method name -> function(model, options, context) that quantizes the target Linears in place
-QUANT_METHODS: dict[str, Callable] = {}
+QUANT_METHODS = MethodRegistry()
 # target name in recipes ("q_proj") -> name inside a decoder layer ("self_attn.q_proj")
 TARGETS = {name.rsplit(".", 1)[-1]: name for name in PROJECTIONS}
 # where a Linear's codes are kept (see the module docstring)
 QUANTIZED_ATTRIBUTE = "slimlm_quantized"
 
 
-def register_quant_method(name: str):
-    def decorate(fn: Callable) -> Callable:
-        QUANT_METHODS[name] = fn
-        return fn
-
-    return decorate
+register_quant_method = QUANT_METHODS.register
 
 
 class QuantizeOptions(StageOptions):
@@ -54,9 +48,7 @@ class QuantizeOptions(StageOptions):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in QUANT_METHODS:
-            raise ValueError(f"unknown method '{value}'; known: {', '.join(sorted(QUANT_METHODS))}")
-        return value
+        return QUANT_METHODS.check(value)
 
     @field_validator("bits")
     @classmethod

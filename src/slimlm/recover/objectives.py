@@ -122,14 +122,19 @@ class DistillObjective:
         with captured_layers(student, student_layers, need_hidden, need_attention) as student_found:
             logits = student(input_ids=ids, use_cache=False).logits
         teacher_found: dict = {"hidden": {}, "attention": {}}
-        if self.cache is not None:
+        teacher_log_probs = None
+        if not (need_hidden or need_attention or self.weights.kl or self.weights.reverse_kl or self.weights.jsd):
+            pass  # the LM loss alone needs no teacher: skip its forward pass
+        elif self.cache is not None:
             teacher_log_probs = self.cache.log_probs(batch.window_ids, logits.device)
         else:
             capture = captured_layers(self.teachers.first, teacher_layers, need_hidden, need_attention)
             with capture as teacher_found:
                 teacher_log_probs = self.teachers.log_probs(ids, self.temperature)
-        student_log_probs = losses.tempered_log_probs(logits, self.temperature)
-        parts = self._logit_parts(student_log_probs, teacher_log_probs, mask)
+        parts = {}
+        if teacher_log_probs is not None:
+            student_log_probs = losses.tempered_log_probs(logits, self.temperature)
+            parts = self._logit_parts(student_log_probs, teacher_log_probs, mask)
         if need_hidden:
             parts["hidden"] = losses.hidden_state_loss(
                 [student_found["hidden"][s] for s, _ in self.layer_pairs],
