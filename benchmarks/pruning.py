@@ -114,7 +114,7 @@ def print_table(results: dict, description: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, "pruning.json", calib_samples=4)
-    parser.add_argument("--ppl-criterion-windows", type=int, default=4)
+    parser.add_argument("--ppl-criterion-windows", type=int, default=2)
     args = parser.parse_args()
     if args.speed_rows == ".":
         # Unstructured and 2:4 rows keep the dense shapes and run the same dense kernels: their speed is the dense
