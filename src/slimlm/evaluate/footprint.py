@@ -159,8 +159,7 @@ def sparse_format_sizes(model: nn.Module, value_bytes: int = 2) -> dict:
     return {"bitmask": int(other + bitmask), "2:4": int(other + two_four) if all_2_of_4 and count else None}
 
 
-def _sparse_format_records(model: nn.Module, base: dict) -> list[Record]:
-    sizes = sparse_format_sizes(model)
+def _sparse_format_records(sizes: dict, base: dict) -> list[Record]:
     protocol = {**base, "values": "bf16", "other_tensors": "dense bf16", "computed": "not written to disk"}
     note = "the size a sparse storage format would take; slimlm saves dense tensors, and dense kernels gain no speed"
     records = [Record("size", "sparse_bitmask_bf16_bytes", sizes["bitmask"], "bytes", False,
@@ -209,8 +208,9 @@ def footprint_records(model: nn.Module, model_path: str | Path | None = None) ->
         Record("size", "dense_bf16_bytes", dense["bf16"], "bytes", False, dict(base)),
         Record("size", "bits_per_weight", bits, "bits", False, {**bits_protocol, "per": "params_total"}),
     ]
-    if sparse_format_sizes(model)["bitmask"] < dense["bf16"]:  # only once a sparse format would pay off
-        records += _sparse_format_records(model, base)
+    sparse = sparse_format_sizes(model)
+    if sparse["bitmask"] < dense["bf16"]:  # only once a sparse format would pay off
+        records += _sparse_format_records(sparse, base)
     return records
 
 
