@@ -35,7 +35,8 @@ def _weight_only(method: str, bits: int, group_size: int | None) -> tuple[str, d
 def rows() -> list[tuple[str, list[tuple[str, dict]]]]:
     """(label, stages) for every row."""
     table = []
-    for bits, group_size, label in ((4, 64, "W4 g64"), (3, 64, "W3 g64"), (8, None, "W8 per-channel")):
+    for bits, group_size, label in ((4, 64, "W4 g64"), (3, 64, "W3 g64"), (2, 64, "W2 g64"),
+                                    (8, None, "W8 per-channel")):
         for method in ("rtn", "gptq", "awq"):
             table.append((f"{method} {label}", [_weight_only(method, bits, group_size)]))
     for bits in (4, 3):

@@ -27,6 +27,7 @@ from slimlm.modules import layer_linears
 from slimlm.prune.unstructured import calibration_windows
 from slimlm.quantize.grid import QuantGrid, QuantizedWeight, decode, encode, grid_params
 from slimlm.quantize.stage import QuantizeOptions, register_quant_method, store_quantized
+from slimlm.quantize.value_hessian import value_hessians
 
 # Linears of a decoder layer whose inputs are observed together, in order: each set's inputs come from the
 # already-quantized sets before it.
@@ -36,6 +37,7 @@ SEQUENTIAL_SETS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+VALUE = "self_attn.v_proj"
 
 
 class GPTQ:
@@ -108,12 +110,37 @@ class GPTQ:
         return errors
 
 
+def gptq_per_head(weight: torch.Tensor, hessians: list[torch.Tensor], grid: QuantGrid, damp: float,
+                  act_order: bool, blocksize: int) -> tuple[QuantizedWeight, list[GPTQ]]:
+    """GPTQ of a matrix whose row blocks (one per KV head) each have their own Hessian; the blocks' codes, scales
+    and zero points stacked back in row order."""
+    rows = weight.shape[0] // len(hessians)
+    solvers = [GPTQ(weight[i * rows:(i + 1) * rows], hessian, grid, damp, act_order)
+               for i, hessian in enumerate(hessians)]
+    parts = [solver.quantize(blocksize) for solver in solvers]
+    stacked = QuantizedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero")), grid)
+    return stacked, solvers
+
+
 @register_quant_method("gptq")
 @torch.no_grad()
 def gptq_quantize(model, options: QuantizeOptions, context) -> None:
     """GPTQ of every target Linear, layer by layer, true-sequential within a layer."""
     grid, targets = options.grid(), set(options.layer_targets())
     trouble: list[str] = []
+    plain_value: list[int] = []
+
+    def solve(index: int, name: str, linear: nn.Linear, hessian: torch.Tensor, per_head) -> None:
+        if per_head is not None:
+            quantized, solvers = gptq_per_head(linear.weight, per_head, grid, options.damp, options.act_order,
+                                               options.blocksize)
+        else:
+            solvers = [GPTQ(linear.weight, hessian, grid, options.damp, options.act_order)]
+            quantized = solvers[0].quantize(options.blocksize)
+        store_quantized(linear, quantized)
+        for solver in solvers:
+            trouble.extend(conditioning_notes(f"layers.{index}.{name}", solver.dead_inputs, solver.damp_used,
+                                              options.damp, "rounded to nearest"))
 
     def quantize_layer(index: int, layer: nn.Module, inputs) -> None:
         linears = layer_linears(layer)
@@ -122,17 +149,23 @@ def gptq_quantize(model, options: QuantizeOptions, context) -> None:
             if not chosen:
                 continue
             stats = observe_layer(layer, inputs, chosen, hessian=True)
+            per_head = None
+            if VALUE in chosen and options.attention_weighted_v:
+                per_head = value_hessians(layer, inputs)
+                if per_head is None:
+                    plain_value.append(index)
             for name in chosen:
-                solver = GPTQ(linears[name].weight, stats.pop(name).hessian(), grid, options.damp, options.act_order)
-                store_quantized(linears[name], solver.quantize(options.blocksize))
-                trouble.extend(conditioning_notes(f"layers.{index}.{name}", solver.dead_inputs, solver.damp_used,
-                                                  options.damp, "rounded to nearest"))
+                solve(index, name, linears[name], stats.pop(name).hessian(), per_head if name == VALUE else None)
 
     walk_layers(model, calibration_windows(model, context), quantize_layer, description="gptq")
+    weighting = ("v_proj's Hessian per KV head, each token weighted by the attention it receives"
+                 if options.attention_weighted_v else "plain XᵀX Hessians for every projection")
     context.notes.append(
         f"gptq: blocksize {options.blocksize}, damping {options.damp} × mean diag(H), act_order "
         f"{'on (static groups)' if options.act_order else 'off'}, true-sequential within each layer; each layer's "
-        "Hessians from the outputs of the already-quantized layers before it"
+        f"Hessians from the outputs of the already-quantized layers before it; {weighting}"
     )
+    if plain_value:
+        context.notes.append(f"gptq: layers {plain_value}: attention not recomputable, v_proj used the plain Hessian")
     if trouble:
         context.notes.append(f"gptq: {len(trouble)} matrices needed attention: " + "; ".join(trouble))

@@ -44,6 +44,8 @@ class QuantizeOptions(StageOptions):
     act_order: bool = False
     damp: float = Field(0.01, gt=0, lt=1)
     blocksize: int = Field(128, ge=1)
+    # v_proj's Hessian weighs each token by the attention it receives (quantize/value_hessian.py); False: plain XᵀX
+    attention_weighted_v: bool = True
 
     @field_validator("method")
     @classmethod

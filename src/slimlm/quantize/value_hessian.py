@@ -1,0 +1,88 @@
+"""Attention-weighted Hessians for the value projection.
+
+GPTQ's H = 2/n·XᵀX weighs every calibration token equally, which is right for a Linear whose output tokens are used
+independently. The value projection's outputs are not: each query reads Σ_t p_qt·v_t, so the error of a value vector
+counts as much as the attention its token receives. Models with an attention sink (SmolLM2: the first token of a
+window draws 35–65 % of all attention in layers 12–29) then depend on one token's value vector per window, which an
+unweighted Hessian treats as 1/2048 of the data: on the built-in model GPTQ of v_proj alone raised WikiText-2
+perplexity from 24.3 (round-to-nearest) to 34.4, while the other six projections each improved on it.
+
+Here each token t enters the Hessian of KV head g with weight m_gt = Σ_q p_qt averaged over the query heads that
+read head g (the attention it receives; the mean over a window's tokens is exactly 1, so H keeps its usual scale),
+and GPTQ solves each KV head's rows of v_proj with its own Hessian (rows are independent given H).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch import nn
+
+from slimlm.calibrate import LayerInputs, run_layer
+
+
+def _rotary(attention: nn.Module):
+    """The model family's apply_rotary_pos_emb (LLaMA, Mistral, Qwen2, ... define one beside their attention)."""
+    return getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
+
+
+def received_attention(attention: nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+    """Attention received by every token, [batch, kv_heads, seq]: causal softmax(q·kᵀ·scaling) summed over the
+    queries, averaged over the query heads of each KV head."""
+    batch, length, _ = hidden.shape
+    head_dim, groups = attention.head_dim, attention.num_key_value_groups
+    query = attention.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    query, key = _rotary(attention)(query, key, *position_embeddings)
+    key = key.repeat_interleave(groups, dim=1)
+    scores = (query.float() @ key.float().transpose(2, 3)) * attention.scaling
+    future = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
+    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
+    received = probs.sum(dim=2)  # [batch, heads, seq]
+    return received.view(batch, -1, groups, length).mean(dim=2)
+
+
+def supports_value_weighting(attention: nn.Module) -> bool:
+    needed = ("q_proj", "k_proj", "head_dim", "num_key_value_groups", "scaling")
+    return all(hasattr(attention, name) for name in needed) and _rotary(attention) is not None
+
+
+@torch.no_grad()
+def value_hessians(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] | None:
+    """One Hessian 2/n·Σ_t m_gt·x_t·x_tᵀ per KV head g of the layer's v_proj (None when the attention module is not
+    one we can recompute: the caller then uses the plain Hessian and says so)."""
+    attention = layer.self_attn
+    if not supports_value_weighting(attention):
+        return None
+    sums: list[torch.Tensor] = []
+    count = 0
+
+    def observe(_module, args, kwargs):
+        nonlocal count
+        hidden = (args[0] if args else kwargs["hidden_states"]).detach()
+        if kwargs.get("position_embeddings") is None:
+            raise _Unsupported
+        weights = received_attention(attention, hidden, kwargs["position_embeddings"])
+        x = hidden.float()
+        for head in range(weights.shape[1]):
+            weighted = x * weights[:, head, :, None]
+            term = (weighted.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]))
+            if len(sums) <= head:
+                sums.append(term)
+            else:
+                sums[head] += term
+        count += x.shape[0] * x.shape[1]
+
+    handle = attention.register_forward_pre_hook(observe, with_kwargs=True)
+    try:
+        run_layer(layer, inputs)
+    except _Unsupported:
+        return None
+    finally:
+        handle.remove()
+    return [total * (2.0 / max(count, 1)) for total in sums]
+
+
+class _Unsupported(Exception):
+    """The layer did not hand its attention rotary tables (position_embeddings) to self_attn."""

@@ -1,0 +1,57 @@
+import torch
+
+from slimlm.calibrate import capture_first_layer_inputs
+from slimlm.modules import decoder_layers
+from slimlm.quantize.gptq import gptq_per_head
+from slimlm.quantize.grid import QuantGrid
+from slimlm.quantize.value_hessian import value_hessians
+
+from conftest import build_tiny_llama
+
+
+def _expected_value_hessians(model, windows):
+    """From the model's own eager attention probabilities: H_g = 2/n Σ_t m_gt x_t x_tᵀ, m_gt = attention received
+    by token t summed over queries, averaged over the query heads of KV head g."""
+    model.config._attn_implementation = "eager"
+    captured = {}
+    layer = decoder_layers(model)[0]
+    handle = layer.self_attn.v_proj.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+    try:
+        attentions = model(windows, output_attentions=True).attentions[0]  # [batch, heads, query, key]
+    finally:
+        handle.remove()
+    x = captured["x"].float()
+    groups = model.config.num_attention_heads // model.config.num_key_value_heads
+    received = attentions.sum(dim=2)  # [batch, heads, key]
+    received = received.view(received.shape[0], -1, groups, received.shape[-1]).mean(dim=2)
+    n = x.shape[0] * x.shape[1]
+    return [2 / n * torch.einsum("bt,bti,btj->ij", received[:, g], x, x) for g in range(received.shape[1])], received
+
+
+@torch.no_grad()
+def test_value_hessians_weigh_each_token_by_the_attention_it_receives(tiny_tokenizer):
+    model = build_tiny_llama(len(tiny_tokenizer), seed=3)
+    windows = torch.randint(0, len(tiny_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
+    inputs = capture_first_layer_inputs(model, windows)
+    ours = value_hessians(decoder_layers(model)[0], inputs)
+    expected, received = _expected_value_hessians(model, windows)
+    assert len(ours) == model.config.num_key_value_heads
+    for got, want in zip(ours, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    # the weights average to one over a window's tokens, so H keeps GPTQ's usual scale; the first token gets most
+    torch.testing.assert_close(received.mean(dim=-1), torch.ones_like(received.mean(dim=-1)))
+    assert (received[..., 0] > received[..., 1:].amax(dim=-1)).all()
+
+
+def test_per_head_gptq_solves_each_row_block_with_its_own_hessian():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 32, generator=generator)
+    inputs = [torch.randn(64, 32, generator=generator) * torch.logspace(-1, 0.5, 32) for _ in range(2)]
+    hessians = [2 * x.T @ x / 64 for x in inputs]
+    grid = QuantGrid(4, True, 16)
+    stacked, _ = gptq_per_head(weight, hessians, grid, 0.01, False, 8)
+    alone, _ = gptq_per_head(weight[4:], hessians[1:], grid, 0.01, False, 8)
+    assert stacked.codes.shape == weight.shape and stacked.scale.shape == (8, 2)
+    torch.testing.assert_close(stacked.dequantize()[4:], alone.dequantize())
+    swapped, _ = gptq_per_head(weight, hessians[::-1], grid, 0.01, False, 8)
+    assert not torch.equal(swapped.codes, stacked.codes)  # the Hessian of each block is the one that was used
