@@ -53,3 +53,16 @@ def test_smoothquant_beats_plain_w8a8_with_outlier_activations(tiny_model):
 def test_smoothquant_refuses_other_bit_widths(tiny_model):
     with pytest.raises(SlimlmError, match="smoothquant is W8A8"):
         run_quantize_stage(tiny_model, random_windows(tiny_model), method="smoothquant", bits=4, group_size=None)
+
+
+def test_w8a8_models_count_their_int8_weights_and_name_their_kernel(tiny_model):
+    from slimlm.evaluate.footprint import parameter_counts
+    from slimlm.quantize.packed import kernel_label
+
+    before = parameter_counts(tiny_model)
+    model = copy.deepcopy(tiny_model)
+    run_quantize_stage(model, random_windows(model, 2, 16), method="smoothquant", bits=8, group_size=None)
+    after = parameter_counts(model)
+    assert after["total"] == before["total"] and after["linear_total"] == before["linear_total"]
+    linears = 7 * model.config.num_hidden_layers
+    assert kernel_label(model) == f"W8A8 int8×int8 (torch._int_mm) ×{linears}"

@@ -50,8 +50,10 @@ def _count_nonzero(tensor: torch.Tensor) -> int:
 
 def _packed_linears(model: nn.Module) -> list[nn.Module]:
     from slimlm.quantize.packed import quantized_linears  # slimlm.quantize imports this module
+    from slimlm.quantize.smoothquant import W8A8Linear
 
-    return [module for _, module in quantized_linears(model)]
+    return [module for _, module in quantized_linears(model)] + [
+        module for module in model.modules() if isinstance(module, W8A8Linear)]
 
 
 def _parameter_total(model: nn.Module) -> int:

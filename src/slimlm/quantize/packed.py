@@ -220,9 +220,13 @@ def kernel_label(model: nn.Module) -> str:
     """What computes the model's Linears, for speed records: ``dense``, or each kernel with its count, a real one with
     its operator: ``int4pack (torch._weight_int4pack_mm_for_cpu) ×210``, ``dequantized ×14``. A ``dequantized``
     Linear expands its weight and multiplies in full precision: no low-bit speedup (the report says so)."""
+    from slimlm.quantize.smoothquant import W8A8Linear  # smoothquant needs the calibration walk; keep it lazy
+
     counts = Counter(module.kernel if module.qweight.device.type == "cpu" else kernels.DEQUANTIZED
                      for _, module in quantized_linears(model))
-    if not counts:
-        return "dense"
-    return "; ".join(f"{kernel} ×{count}" if kernel == kernels.DEQUANTIZED else
-                     f"{kernel} ({kernels.KERNEL_OPS[kernel]}) ×{count}" for kernel, count in sorted(counts.items()))
+    labels = [f"{kernel} ×{count}" if kernel == kernels.DEQUANTIZED else
+              f"{kernel} ({kernels.KERNEL_OPS[kernel]}) ×{count}" for kernel, count in sorted(counts.items())]
+    w8a8 = Counter(module.kernel for module in model.modules() if isinstance(module, W8A8Linear))
+    labels += [f"W8A8 int8×int8 (torch._int_mm) ×{count}" if kernel == "int_mm" else
+               f"W8A8 simulated in float32 ×{count}" for kernel, count in sorted(w8a8.items())]
+    return "; ".join(labels) or "dense"
