@@ -1,9 +1,11 @@
+import pytest
 import torch
 
 from slimlm.calibrate import capture_first_layer_inputs
 from slimlm.modules import decoder_layers
 from slimlm.quantize.gptq import gptq_per_head
 from slimlm.quantize.grid import QuantGrid
+from slimlm.quantize import value_hessian
 from slimlm.quantize.value_hessian import value_hessians
 
 from conftest import build_tiny_llama
@@ -28,8 +30,10 @@ def _expected_value_hessians(model, windows):
     return [2 / n * torch.einsum("bt,bti,btj->ij", received[:, g], x, x) for g in range(received.shape[1])], received
 
 
+@pytest.mark.parametrize("query_block", [7, 256])
 @torch.no_grad()
-def test_value_hessians_weigh_each_token_by_the_attention_it_receives(tiny_tokenizer):
+def test_value_hessians_weigh_each_token_by_the_attention_it_receives(tiny_tokenizer, monkeypatch, query_block):
+    monkeypatch.setattr(value_hessian, "_QUERY_BLOCK", query_block)  # blocks of queries give the same sums
     model = build_tiny_llama(len(tiny_tokenizer), seed=3)
     windows = torch.randint(0, len(tiny_tokenizer), (2, 24), generator=torch.Generator().manual_seed(0))
     inputs = capture_first_layer_inputs(model, windows)

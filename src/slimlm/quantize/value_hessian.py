@@ -19,7 +19,9 @@ import sys
 import torch
 from torch import nn
 
-from slimlm.calibrate import LayerInputs, run_layer
+from slimlm.calibrate import LayerInputs
+
+_QUERY_BLOCK = 256
 
 
 def _rotary(attention: nn.Module):
@@ -35,11 +37,14 @@ def received_attention(attention: nn.Module, hidden: torch.Tensor, position_embe
     query = attention.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     query, key = _rotary(attention)(query, key, *position_embeddings)
-    key = key.repeat_interleave(groups, dim=1)
-    scores = (query.float() @ key.float().transpose(2, 3)) * attention.scaling
-    future = torch.ones(length, length, dtype=torch.bool, device=hidden.device).triu(1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(dim=-1)
-    received = probs.sum(dim=2)  # [batch, heads, seq]
+    key = key.repeat_interleave(groups, dim=1).float().transpose(2, 3)
+    received = torch.zeros(batch, key.shape[1], length, device=hidden.device)
+    positions = torch.arange(length, device=hidden.device)
+    for start in range(0, length, _QUERY_BLOCK):  # blocks of queries keep the score tensor small
+        rows = positions[start:start + _QUERY_BLOCK]
+        scores = (query[:, :, rows].float() @ key) * attention.scaling
+        future = positions[None, :] > rows[:, None]
+        received += scores.masked_fill(future, float("-inf")).softmax(dim=-1).sum(dim=2)
     return received.view(batch, -1, groups, length).mean(dim=2)
 
 
@@ -73,15 +78,24 @@ def value_hessians(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] 
             else:
                 sums[head] += term
         count += x.shape[0] * x.shape[1]
+        raise _Observed  # the rest of the layer is not needed
 
     handle = attention.register_forward_pre_hook(observe, with_kwargs=True)
     try:
-        run_layer(layer, inputs)
+        for hidden in inputs.hidden:
+            try:
+                layer(hidden, **inputs.kwargs)
+            except _Observed:
+                pass
     except _Unsupported:
         return None
     finally:
         handle.remove()
     return [total * (2.0 / max(count, 1)) for total in sums]
+
+
+class _Observed(Exception):
+    """Raised once self_attn's inputs are seen: the layer's outputs are not needed."""
 
 
 class _Unsupported(Exception):
