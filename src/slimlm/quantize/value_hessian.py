@@ -60,23 +60,17 @@ def value_hessians(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] 
     attention = layer.self_attn
     if not supports_value_weighting(attention):
         return None
-    sums: list[torch.Tensor] = []
+    total: torch.Tensor | int = 0  # [kv_heads, in, in] once the first batch is seen
     count = 0
 
     def observe(_module, args, kwargs):
-        nonlocal count
+        nonlocal total, count
         hidden = (args[0] if args else kwargs["hidden_states"]).detach()
         if kwargs.get("position_embeddings") is None:
             raise _Unsupported
-        weights = received_attention(attention, hidden, kwargs["position_embeddings"])
+        weights = received_attention(attention, hidden, kwargs["position_embeddings"])  # [batch, heads, seq]
         x = hidden.float()
-        for head in range(weights.shape[1]):
-            weighted = x * weights[:, head, :, None]
-            term = (weighted.reshape(-1, x.shape[-1]).T @ x.reshape(-1, x.shape[-1]))
-            if len(sums) <= head:
-                sums.append(term)
-            else:
-                sums[head] += term
+        total = total + torch.einsum("bgt,bti,btj->gij", weights, x, x)
         count += x.shape[0] * x.shape[1]
         raise _Observed  # the rest of the layer is not needed
 
@@ -91,7 +85,7 @@ def value_hessians(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] 
         return None
     finally:
         handle.remove()
-    return [total * (2.0 / max(count, 1)) for total in sums]
+    return list(total * (2.0 / max(count, 1)))
 
 
 class _Observed(Exception):
