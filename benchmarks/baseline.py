@@ -50,24 +50,37 @@ def main() -> None:
 
     with PeakMemory() as peak:
         timed("ppl_2048", lambda: perplexity_records(model, tok, wikitext, "wikitext2", 2048, args.ppl_limit))
-        timed("ppl_512", lambda: [
-            _renamed(r, "wikitext2@512") for r in perplexity_records(model, tok, wikitext, "wikitext2", 512,
-                                                                     args.ppl_limit and args.ppl_limit * 4)
-        ])
-        timed("kl_self", lambda: [
-            _renamed(r, "wikitext2-self-kl") for r in perplexity_records(model, tok, wikitext, "wikitext2", 2048, 2,
-                                                                         reference=model)
-            if r.metric in ("kl_divergence", "top1_agreement")
-        ])
+        timed(
+            "ppl_512",
+            lambda: [
+                _renamed(r, "wikitext2@512")
+                for r in perplexity_records(
+                    model, tok, wikitext, "wikitext2", 512, args.ppl_limit and args.ppl_limit * 4
+                )
+            ],
+        )
+        timed(
+            "kl_self",
+            lambda: [
+                _renamed(r, "wikitext2-self-kl")
+                for r in perplexity_records(model, tok, wikitext, "wikitext2", 2048, 2, reference=model)
+                if r.metric in ("kl_divergence", "top1_agreement")
+            ],
+        )
         timed("triviaqa", lambda: run_tasks(model, tok, ["triviaqa"], limit=args.triviaqa_limit))
         timed("multiple_choice", lambda: run_tasks(model, tok, MULTIPLE_CHOICE, limit=args.task_limit))
         timed("speed", lambda: measure_speed(model, tok))
-    rows += footprint_records(model, loaded.source.weights_path) + [peak_memory_record(peak, "benchmark")]
+    rows += [*footprint_records(model, loaded.source.weights_path), peak_memory_record(peak, "benchmark")]
 
     _print_table(rows, loaded.source.description)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": "smollm2-135m", "description": loaded.source.description, "machine": machine_info(),
-               "seconds": timings, "records": [r.to_dict() for r in rows]}
+    payload = {
+        "model": "smollm2-135m",
+        "description": loaded.source.description,
+        "machine": machine_info(),
+        "seconds": timings,
+        "records": [r.to_dict() for r in rows],
+    }
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)
 

@@ -13,8 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
+from slimlm.calibration import Calibration
 from slimlm.data import calibration_windows, load_text
 from slimlm.evaluate.footprint import PeakMemory, footprint_records
 from slimlm.evaluate.machine import machine_info
@@ -29,8 +28,12 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str, calib_samples: int = 16) -> None:
-    parser.add_argument("--calib-samples", type=int, default=calib_samples,
-                        help=f"calibration windows of c4 (papers: 128; default {calib_samples} to fit 2 CPU cores)")
+    parser.add_argument(
+        "--calib-samples",
+        type=int,
+        default=calib_samples,
+        help=f"calibration windows of c4 (papers: 128; default {calib_samples} to fit 2 CPU cores)",
+    )
     parser.add_argument("--calib-seq-len", type=int, default=2048)
     parser.add_argument("--eval-windows", type=int, default=8, help="WikiText-2 test windows of 2048 (all: 148)")
     parser.add_argument("--speed-runs", type=int, default=3, help="0 skips the speed columns")
@@ -60,8 +63,8 @@ class StageBench:
         return self.args.only is None or re.search(self.args.only, label) is not None
 
     def context(self, output_dir: Path) -> StageContext:
-        return StageContext(self.tokenizer, self.calibration, output_dir, load_original=lambda: self.dense,
-                            _windows=self.windows)
+        calibration = Calibration(self.calibration, self.tokenizer, windows=self.windows)
+        return StageContext(self.tokenizer, calibration, output_dir, load_original=lambda: self.dense)
 
     def run_stages(self, label: str, stages: list[tuple[str, dict]], save: bool = False, speed_kernel=None) -> None:
         """Apply the stages in order to a copy of the dense model; with `save`, size on disk comes from the saved
@@ -74,7 +77,7 @@ class StageBench:
                 start = time.perf_counter()
                 for name, options in stages:
                     spec = get_stage(name)
-                    model = spec.apply(model, spec.options(**options), context)
+                    model = spec.apply(model, spec.options_model(options).model_validate(options), context)
                 seconds = time.perf_counter() - start
             notes += context.notes
             folder = None
@@ -83,10 +86,19 @@ class StageBench:
                 save_model(model, self.tokenizer, folder)
             self.measure(label, model, seconds, peak, {"stages": stages, "notes": notes}, folder, speed_kernel)
 
-    def measure(self, label: str, model, seconds: float | None, peak: PeakMemory | None, extra: dict,
-                model_path: Path | None = None, speed_kernel=None) -> None:
-        records = perplexity_records(model, self.tokenizer, self.wikitext, "wikitext2", 2048, self.args.eval_windows,
-                                     reference=self.reference)
+    def measure(
+        self,
+        label: str,
+        model,
+        seconds: float | None,
+        peak: PeakMemory | None,
+        extra: dict,
+        model_path: Path | None = None,
+        speed_kernel=None,
+    ) -> None:
+        records = perplexity_records(
+            model, self.tokenizer, self.wikitext, "wikitext2", 2048, self.args.eval_windows, reference=self.reference
+        )
         records += footprint_records(model, model_path)
         if self.args.speed_runs and re.search(self.args.speed_rows, label):
             kernel = speed_kernel(model) if speed_kernel else "dense"
@@ -101,8 +113,12 @@ class StageBench:
         )
         self.results[label] = row
         self.save()
-        print(f"{label}: ppl {row['perplexity']:.2f}  KL {row.get('kl_divergence', 0):.4f}  "
-              f"{0 if seconds is None else seconds:.0f} s", file=sys.stderr, flush=True)
+        print(
+            f"{label}: ppl {row['perplexity']:.2f}  KL {row.get('kl_divergence', 0):.4f}  "
+            f"{0 if seconds is None else seconds:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def save(self) -> None:
         args = self.args

@@ -24,7 +24,8 @@ from rich.table import Table
 from torch import nn
 
 from slimlm.quantize.grid import QuantGrid, quantize_codes
-from slimlm.quantize.packed import QuantizedLinear, kernel_label, use_kernel
+from slimlm.quantize.packed import QuantizedLinear, use_kernel
+from slimlm.storage import kernel_summary as kernel_label
 
 SHAPES = [(576, 1536), (1536, 576), (4096, 11008)]  # (in, out): SmolLM2-135M up/down, LLaMA-7B up
 ROWS = {"decode": 1, "prefill": 128}
@@ -49,8 +50,10 @@ def build_variants(in_features: int, out_features: int) -> dict[str, nn.Module]:
 def time_interleaved(modules: dict[str, nn.Module], rows: int, reps: int) -> dict[str, float]:
     """Median microseconds per forward of each module, the variants run in turn within every repetition."""
     in_features = next(iter(modules.values())).in_features
-    inputs = {name: torch.randn(rows, in_features, dtype=torch.bfloat16 if "bf16" in name else torch.float32)
-              for name in modules}
+    inputs = {
+        name: torch.randn(rows, in_features, dtype=torch.bfloat16 if "bf16" in name else torch.float32)
+        for name in modules
+    }
     times = {name: [] for name in modules}
     for rep in range(reps + 2):  # two warm-up rounds
         for name, module in modules.items():
@@ -69,9 +72,17 @@ def matmul_rows(reps: int) -> list[dict]:
             shape_reps = max(3, reps // 8) if in_features * out_features * rows > 1e8 else reps
             timed = time_interleaved(modules, rows, shape_reps)
             for name, micros in timed.items():
-                results.append({"shape": f"{in_features}→{out_features}", "phase": phase, "rows": rows,
-                                "variant": name, "us": micros, "speedup_vs_fp32": timed["fp32 F.linear"] / micros,
-                                "reps": shape_reps})
+                results.append(
+                    {
+                        "shape": f"{in_features}→{out_features}",
+                        "phase": phase,
+                        "rows": rows,
+                        "variant": name,
+                        "us": micros,
+                        "speedup_vs_fp32": timed["fp32 F.linear"] / micros,
+                        "reps": shape_reps,
+                    }
+                )
     return results
 
 
@@ -79,8 +90,8 @@ def model_rows() -> list[dict]:
     """Whole-model prefill/decode: the built-in model dense, then RTN W4 g64 packed with each kernel."""
     from slimlm.evaluate.speed import measure_speed
     from slimlm.models import load_model
-    from slimlm.quantize.rtn import rtn_quantize
     from slimlm.quantize.packed import pack_model
+    from slimlm.quantize.rtn import rtn_quantize
     from slimlm.quantize.stage import QuantizeOptions
 
     loaded = load_model("smollm2-135m")
@@ -91,10 +102,21 @@ def model_rows() -> list[dict]:
     pack_model(model)
     for kernel in ("auto", "dequantized"):
         use_kernel(model, kernel)
-        rows.append((f"W4 g64 {kernel_label(model).split(' ')[0]}",
-                     measure_speed(model, tokenizer, kernel=kernel_label(model), **settings)))
-    return [{"variant": name, **{r.metric: r.value for r in records if r.value is not None},
-             "kernel": records[0].protocol["kernel"], "settings": settings} for name, records in rows]
+        rows.append(
+            (
+                f"W4 g64 {kernel_label(model).split(' ')[0]}",
+                measure_speed(model, tokenizer, kernel=kernel_label(model), **settings),
+            )
+        )
+    return [
+        {
+            "variant": name,
+            **{r.metric: r.value for r in records if r.value is not None},
+            "kernel": records[0].protocol["kernel"],
+            "settings": settings,
+        }
+        for name, records in rows
+    ]
 
 
 def print_tables(console: Console, matmuls: list[dict], models: list[dict]) -> None:
@@ -111,8 +133,9 @@ def print_tables(console: Console, matmuls: list[dict], models: list[dict]) -> N
         for column in ("variant", "prefill ms", "decode tokens/s", "kernel"):
             table.add_column(column)
         for row in models:
-            table.add_row(row["variant"], f"{row['prefill_ms']:.1f}", f"{row['decode_tokens_per_s']:.1f}",
-                          row["kernel"])
+            table.add_row(
+                row["variant"], f"{row['prefill_ms']:.1f}", f"{row['decode_tokens_per_s']:.1f}", row["kernel"]
+            )
         console.print(table)
 
 
@@ -130,8 +153,14 @@ def main() -> None:
     print_tables(Console(width=200), matmuls, models)
     from slimlm.evaluate.machine import machine_info
 
-    payload = {"torch": torch.__version__, "threads": args.threads, "load_avg_1min": [load_before, os.getloadavg()[0]],
-               "machine": machine_info(), "matmul": matmuls, "model": models}
+    payload = {
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "load_avg_1min": [load_before, os.getloadavg()[0]],
+        "machine": machine_info(),
+        "matmul": matmuls,
+        "model": models,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(payload, indent=2, default=str))
     print(f"wrote {args.out}")

@@ -26,9 +26,18 @@ from pathlib import Path
 import torch
 
 LLAMA2_7B = dict(
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
-    vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5, tie_word_embeddings=False,
-    bos_token_id=1, eos_token_id=2, architectures=["LlamaForCausalLM"],
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    architectures=["LlamaForCausalLM"],
 )
 
 
@@ -59,27 +68,37 @@ def write_random_checkpoint(folder: Path) -> dict:
         shards.setdefault(f"model-{layer}.safetensors", {})[name] = shape
     weight_map = {}
     for shard, members in shards.items():
-        tensors = {name: (torch.ones(shape) if name.endswith("norm.weight")
-                          else torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
-                   for name, shape in members.items()}
+        tensors = {
+            name: (
+                torch.ones(shape) if name.endswith("norm.weight") else torch.randn(shape, generator=generator) * 0.02
+            ).to(torch.bfloat16)
+            for name, shape in members.items()
+        }
         save_file(tensors, staging / shard, metadata={"format": "pt"})
         weight_map.update({name: shard for name in tensors})
         del tensors
     total = sum(f.stat().st_size for f in staging.glob("*.safetensors"))
     (staging / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     config.save_pretrained(staging)
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
-    return {"seconds": time.perf_counter() - start, "bytes": total, "params": sum(
-        torch.Size(s).numel() for s in shapes.values())}
+    return {
+        "seconds": time.perf_counter() - start,
+        "bytes": total,
+        "params": sum(torch.Size(s).numel() for s in shapes.values()),
+    }
+
+
+WANDA = {"method": "wanda", "sparsity": 0.5}
 
 
 def streamed_wanda(dense: Path, out: Path, samples: int, seq_len: int) -> dict:
     """Runs in its own process: the `prune` stage (Wanda 50 %) on a layer-streamed model; peak RSS of this process."""
     import tempfile
 
-    from slimlm.recipe import CalibrationConfig
+    from slimlm.calibration import Calibration
     from slimlm.registry import StageContext, get_stage
     from slimlm.streaming import load_streamed
 
@@ -90,15 +109,18 @@ def streamed_wanda(dense: Path, out: Path, samples: int, seq_len: int) -> dict:
     windows = torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(0))
     spec = get_stage("prune")
     with tempfile.TemporaryDirectory() as scratch:
-        context = StageContext(None, CalibrationConfig(data="random-token-ids", samples=samples, seq_len=seq_len),
-                               Path(scratch),
-                               _windows=windows)
-        spec.apply(model, spec.options(method="wanda", sparsity=0.5), context)
+        context = StageContext(None, Calibration(None, windows=windows), Path(scratch))
+        spec.apply(model, spec.options_model(WANDA).model_validate(WANDA), context)
     stream = model.slimlm_layer_stream
     stream.finish()
-    return {"seconds": time.perf_counter() - start, "peak_rss_bytes": _status_kib("VmHWM") * 1024,
-            "rss_after_load_bytes": loaded_rss, "largest_layer_bytes": stream.peak_layer_bytes,
-            "threads": torch.get_num_threads(), "notes": context.notes}
+    return {
+        "seconds": time.perf_counter() - start,
+        "peak_rss_bytes": _status_kib("VmHWM") * 1024,
+        "rss_after_load_bytes": loaded_rss,
+        "largest_layer_bytes": stream.peak_layer_bytes,
+        "threads": torch.get_num_threads(),
+        "notes": context.notes,
+    }
 
 
 def check_pruned(dense: Path, out: Path) -> dict:
@@ -120,8 +142,12 @@ def check_pruned(dense: Path, out: Path) -> dict:
             sparsities.append(float((tensor == 0).float().mean()))
         else:
             unchanged &= torch.equal(read(dense, dense_map[name], name), tensor)
-    return {"linears": len(sparsities), "min_sparsity": min(sparsities), "max_sparsity": max(sparsities),
-            "other_tensors_unchanged": unchanged}
+    return {
+        "linears": len(sparsities),
+        "min_sparsity": min(sparsities),
+        "max_sparsity": max(sparsities),
+        "other_tensors_unchanged": unchanged,
+    }
 
 
 def main() -> None:
@@ -143,25 +169,45 @@ def main() -> None:
 
     write = write_random_checkpoint(dense) if not (dense / "config.json").exists() else {"reused": str(dense)}
     print(f"checkpoint: {json.dumps(write)}", file=sys.stderr, flush=True)
-    child = subprocess.run([sys.executable, __file__, "--child", "--workdir", str(args.workdir), "--samples",
-                            str(args.samples), "--seq-len", str(args.seq_len)], capture_output=True, text=True)
+    child = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--child",
+            "--workdir",
+            str(args.workdir),
+            "--samples",
+            str(args.samples),
+            "--seq-len",
+            str(args.seq_len),
+        ],
+        capture_output=True,
+        text=True,
+    )
     if child.returncode:
         sys.exit(f"streamed Wanda failed:\n{child.stderr[-4000:]}")
     run = json.loads(child.stdout.strip().splitlines()[-1])
     result = {
-        "shapes": "LLaMA-2-7B (random weights, bf16)", "config": LLAMA2_7B, "checkpoint": write,
+        "shapes": "LLaMA-2-7B (random weights, bf16)",
+        "config": LLAMA2_7B,
+        "checkpoint": write,
         "checkpoint_bytes": sum(f.stat().st_size for f in dense.glob("*.safetensors")),
         "calibration": f"{args.samples} windows x {args.seq_len} random token ids (seed 0)",
-        "streamed_wanda": run, "check": check_pruned(dense, pruned), "machine": machine_info(),
+        "streamed_wanda": run,
+        "check": check_pruned(dense, pruned),
+        "machine": machine_info(),
         "machine_memory_bytes": _status_kib_meminfo(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, json.dumps(result, indent=2, default=str).encode())
     gib = 2**30
-    print(f"checkpoint {result['checkpoint_bytes'] / gib:.2f} GiB; streamed Wanda 50 %: peak RSS "
-          f"{run['peak_rss_bytes'] / gib:.2f} GiB (after loading the non-layer tensors {run['rss_after_load_bytes'] / gib:.2f}"
-          f" GiB; largest layer {run['largest_layer_bytes'] / gib:.2f} GiB) of {result['machine_memory_bytes'] / gib:.1f}"
-          f" GiB; {run['seconds'] / 60:.1f} min; check {result['check']}")
+    print(
+        f"checkpoint {result['checkpoint_bytes'] / gib:.2f} GiB; streamed Wanda 50 %: peak RSS "
+        f"{run['peak_rss_bytes'] / gib:.2f} GiB (after loading the non-layer tensors "
+        f"{run['rss_after_load_bytes'] / gib:.2f}"
+        f" GiB; largest layer {run['largest_layer_bytes'] / gib:.2f} GiB) of {result['machine_memory_bytes'] / gib:.1f}"
+        f" GiB; {run['seconds'] / 60:.1f} min; check {result['check']}"
+    )
     if not args.keep:
         shutil.rmtree(args.workdir, ignore_errors=True)
 

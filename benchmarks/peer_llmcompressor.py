@@ -57,10 +57,14 @@ PEER_SCRIPT = ROOT / "benchmarks" / "peer" / "llmcompressor_gptq.py"
 SLIMLM_LABEL = "slimlm gptq W4 g64"
 PEER_LABEL = "llmcompressor gptq W4 g64"
 SLIMLM_STAGES = [("quantize", {"method": "gptq", "bits": 4, "group_size": 64, "sym": True})]
-SLIMLM_GRID = ("ggml Q4_0 rule: scale = signed max / -8 per group of 64, codes -8..7; group scales set as GPTQ "
-               "reaches each group; no act_order; true-sequential within a layer")
-PEER_GRID = ("compressed-tensors int4 symmetric: scale = max|w| / 7.5 per group of 64 from the original weights, "
-             "codes round(w/scale) clamped to -8..7; static act order; one calibration pass per layer")
+SLIMLM_GRID = (
+    "ggml Q4_0 rule: scale = signed max / -8 per group of 64, codes -8..7; group scales set as GPTQ "
+    "reaches each group; no act_order; true-sequential within a layer"
+)
+PEER_GRID = (
+    "compressed-tensors int4 symmetric: scale = max|w| / 7.5 per group of 64 from the original weights, "
+    "codes round(w/scale) clamped to -8..7; static act order; one calibration pass per layer"
+)
 
 
 def ensure_peer_venv() -> None:
@@ -81,8 +85,17 @@ def run_peer(bench: StageBench, scratch: Path) -> tuple[dict, dict]:
     summary_path = scratch / "peer.json"
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     env.pop("PYTHONPATH", None)  # nothing of slimlm's venv may leak into the peer's
-    command = [str(PEER_PYTHON), str(PEER_SCRIPT), str(folder), str(windows), str(out), "--json", str(summary_path),
-               "--threads", str(torch.get_num_threads())]
+    command = [
+        str(PEER_PYTHON),
+        str(PEER_SCRIPT),
+        str(folder),
+        str(windows),
+        str(out),
+        "--json",
+        str(summary_path),
+        "--threads",
+        str(torch.get_num_threads()),
+    ]
     print(f"peer: {' '.join(command)}", file=sys.stderr, flush=True)
     subprocess.run(command, check=True, env=env, cwd=scratch)
     return load_file(str(out)), json.loads(summary_path.read_text())
@@ -107,8 +120,10 @@ def ratios(slimlm: dict, peer: dict) -> dict:
     def ratio(a, b):
         return None if a is None or b in (None, 0) else a / b
 
-    return {"perplexity": ratio(slimlm.get("perplexity"), peer.get("perplexity")),
-            "quantize_seconds": ratio(slimlm.get("seconds"), peer.get("seconds"))}
+    return {
+        "perplexity": ratio(slimlm.get("perplexity"), peer.get("perplexity")),
+        "quantize_seconds": ratio(slimlm.get("seconds"), peer.get("seconds")),
+    }
 
 
 def verdict(ratio: float | None) -> str | None:
@@ -124,15 +139,23 @@ def print_table(results: dict, comparison: dict, description: str) -> None:
         row = results.get(label)
         if row is None:
             continue
-        table.add_row(label, row.get("grid", "—"), fmt(row.get("perplexity"), ".3f"),
-                      fmt(row.get("kl_divergence"), ".4f"), fmt(row.get("top1_agreement"), ".3f"),
-                      fmt(row.get("seconds"), ".1f"), fmt(row.get("peer", {}).get("total_seconds"), ".1f"))
+        table.add_row(
+            label,
+            row.get("grid", "—"),
+            fmt(row.get("perplexity"), ".3f"),
+            fmt(row.get("kl_divergence"), ".4f"),
+            fmt(row.get("top1_agreement"), ".3f"),
+            fmt(row.get("seconds"), ".1f"),
+            fmt(row.get("peer", {}).get("total_seconds"), ".1f"),
+        )
     r = comparison["ratios"]
     table.add_row("slimlm / peer", "", fmt(r["perplexity"], ".4f"), "", "", fmt(r["quantize_seconds"], ".3f"), "")
     Console(width=200).print(table)
     goal = comparison["goal"]
-    print(f"goal (ppl ratio ≤ 1 and time ratio ≤ 1): perplexity {goal['perplexity']}, time {goal['time']}",
-          file=sys.stderr)
+    print(
+        f"goal (ppl ratio ≤ 1 and time ratio ≤ 1): perplexity {goal['perplexity']}, time {goal['time']}",
+        file=sys.stderr,
+    )
 
 
 def main() -> None:
@@ -142,17 +165,21 @@ def main() -> None:
     for action in parser._actions:  # two rows, always both: --only and --resume mean nothing here (see --skip-slimlm)
         if action.dest in ("only", "resume"):
             action.help = argparse.SUPPRESS
-    parser.add_argument("--skip-slimlm", action="store_true",
-                        help=f"reuse the '{SLIMLM_LABEL}' row of --out (same calibration and evaluation settings)")
+    parser.add_argument(
+        "--skip-slimlm",
+        action="store_true",
+        help=f"reuse the '{SLIMLM_LABEL}' row of --out (same calibration and evaluation settings)",
+    )
     args = parser.parse_args()
     args.only, args.resume = None, False
     previous = json.loads(args.out.read_text()) if args.skip_slimlm and args.out.exists() else None
     if args.skip_slimlm:
         if previous is None or SLIMLM_LABEL not in previous.get("rows", {}):
             sys.exit(f"--skip-slimlm: no '{SLIMLM_LABEL}' row in {args.out}")
-        wanted = {"calibration": {"data": "c4", "samples": args.calib_samples, "seq_len": args.calib_seq_len,
-                                  "seed": 0},
-                  "evaluation": {"data": "wikitext2 test", "seq_len": 2048, "windows": args.eval_windows}}
+        wanted = {
+            "calibration": {"data": "c4", "samples": args.calib_samples, "seq_len": args.calib_seq_len, "seed": 0},
+            "evaluation": {"data": "wikitext2 test", "seq_len": 2048, "windows": args.eval_windows},
+        }
         for key, value in wanted.items():
             if previous.get(key) != value:
                 sys.exit(f"--skip-slimlm: {args.out} was measured with {key} {previous.get(key)}, not {value}")
@@ -170,15 +197,20 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="slimlm-peer-") as scratch:
         weights, summary = run_peer(bench, Path(scratch))
     model = peer_model(bench, weights)
-    bench.measure(PEER_LABEL, model, summary["oneshot_seconds"], None,
-                  {"grid": PEER_GRID, "peer": summary, "torch_threads": summary.get("torch_threads")})
+    bench.measure(
+        PEER_LABEL,
+        model,
+        summary["oneshot_seconds"],
+        None,
+        {"grid": PEER_GRID, "peer": summary, "torch_threads": summary.get("torch_threads")},
+    )
 
     slimlm_row, peer_row = bench.results[SLIMLM_LABEL], bench.results[PEER_LABEL]
     r = ratios(slimlm_row, peer_row)
     comparison = {
         "ratios": r,
         "ratio_definition": "slimlm / llmcompressor; perplexity on the evaluation windows, quantize seconds = "
-                            "slimlm's quantize stage vs llmcompressor's oneshot call (model already loaded)",
+        "slimlm's quantize stage vs llmcompressor's oneshot call (model already loaded)",
         "goal": {"perplexity": verdict(r["perplexity"]), "time": verdict(r["quantize_seconds"])},
         "grids": {SLIMLM_LABEL: SLIMLM_GRID, PEER_LABEL: PEER_GRID},
         "peer_versions": summary.get("versions"),

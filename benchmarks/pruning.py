@@ -56,8 +56,11 @@ def stage_rows() -> list[tuple[str, str, dict]]:
 
 def ranked_depth_rows() -> list[tuple[str, str, int]]:
     """(label, criterion, layers removed) for the rows that share one ranking per criterion."""
-    return [(f"depth -{n} {short}", criterion, n)
-            for criterion, short in (("block_influence", "BI"), ("perplexity", "ppl")) for n in DEPTH_COUNTS]
+    return [
+        (f"depth -{n} {short}", criterion, n)
+        for criterion, short in (("block_influence", "BI"), ("perplexity", "ppl"))
+        for n in DEPTH_COUNTS
+    ]
 
 
 class DepthBench(StageBench):
@@ -80,11 +83,17 @@ class DepthBench(StageBench):
         removed = choose_layers(ranking, count, contiguous=False)
         remove_decoder_layers(model, removed)
         seconds = rank_seconds + time.perf_counter() - start
-        notes = [f"{criterion} ranking on {used} calibration windows, computed once and shared by the "
-                 f"{'/'.join(map(str, DEPTH_COUNTS))} rows; removed layers {removed}"]
-        self.measure(label, model, seconds, peak, {"stages": [("prune_depth", {"remove": count,
-                                                                               "criterion": criterion})],
-                                                   "notes": notes})
+        notes = [
+            f"{criterion} ranking on {used} calibration windows, computed once and shared by the "
+            f"{'/'.join(map(str, DEPTH_COUNTS))} rows; removed layers {removed}"
+        ]
+        self.measure(
+            label,
+            model,
+            seconds,
+            peak,
+            {"stages": [("prune_depth", {"remove": count, "criterion": criterion})], "notes": notes},
+        )
 
 
 def _speed(row: dict, metric: str, spec: str) -> str:
@@ -95,17 +104,34 @@ def _speed(row: dict, metric: str, spec: str) -> str:
 
 def print_table(results: dict, description: str) -> None:
     table = Table(title="slimlm pruning benchmark — SmolLM2-135M, WikiText-2 test @2048", caption=description)
-    columns = ("row", "ppl", "KL", "top-1", "params (M)", "bf16 dense MiB", "bf16 sparse MiB", "decode tok/s",
-               "prefill ms", "prune s", "peak extra MiB")
+    columns = (
+        "row",
+        "ppl",
+        "KL",
+        "top-1",
+        "params (M)",
+        "bf16 dense MiB",
+        "bf16 sparse MiB",
+        "decode tok/s",
+        "prefill ms",
+        "prune s",
+        "peak extra MiB",
+    )
     for column in columns:
         table.add_column(column, overflow="fold")
     for label, row in results.items():
         sparse = row.get("sparse_2of4_bf16_bytes") or row.get("sparse_bitmask_bf16_bytes")
         table.add_row(
-            label, fmt(row["perplexity"], ".2f"), fmt(row.get("kl_divergence"), ".4f"),
-            fmt(row.get("top1_agreement"), ".3f"), fmt(row["params_nonzero"] / 1e6, ".1f"),
-            mib(row["dense_bf16_bytes"]), mib(sparse), _speed(row, "decode_tokens_per_s", ".1f"),
-            _speed(row, "prefill_ms", ".0f"), fmt(row.get("seconds", row.get("prune_seconds")), ".0f"),
+            label,
+            fmt(row["perplexity"], ".2f"),
+            fmt(row.get("kl_divergence"), ".4f"),
+            fmt(row.get("top1_agreement"), ".3f"),
+            fmt(row["params_nonzero"] / 1e6, ".1f"),
+            mib(row["dense_bf16_bytes"]),
+            mib(sparse),
+            _speed(row, "decode_tokens_per_s", ".1f"),
+            _speed(row, "prefill_ms", ".0f"),
+            fmt(row.get("seconds", row.get("prune_seconds")), ".0f"),
             mib(row.get("peak_extra_rss_bytes")),
         )
     Console(width=220).print(table)

@@ -26,6 +26,7 @@ from rich.table import Table
 
 from common import StageBench, add_common_arguments, fmt, mib
 from slimlm.registry import get_stage
+from slimlm.storage import kernel_summary
 
 
 def _weight_only(method: str, bits: int, group_size: int | None) -> tuple[str, dict]:
@@ -35,19 +36,29 @@ def _weight_only(method: str, bits: int, group_size: int | None) -> tuple[str, d
 def rows() -> list[tuple[str, list[tuple[str, dict]]]]:
     """(label, stages) for every row."""
     table = []
-    for bits, group_size, label in ((4, 64, "W4 g64"), (3, 64, "W3 g64"), (2, 64, "W2 g64"),
-                                    (8, None, "W8 per-channel")):
+    for bits, group_size, label in (
+        (4, 64, "W4 g64"),
+        (3, 64, "W3 g64"),
+        (2, 64, "W2 g64"),
+        (8, None, "W8 per-channel"),
+    ):
         for method in ("rtn", "gptq", "awq"):
             table.append((f"{method} {label}", [_weight_only(method, bits, group_size)]))
     for bits in (4, 3):
         for rank in (16, 64):
-            table.append((f"gptq W{bits} g64 + eora r{rank}", [_weight_only("gptq", bits, 64),
-                                                              ("lowrank", {"method": "eora", "rank": rank})]))
+            table.append(
+                (
+                    f"gptq W{bits} g64 + eora r{rank}",
+                    [_weight_only("gptq", bits, 64), ("lowrank", {"method": "eora", "rank": rank})],
+                )
+            )
     table += [
         ("smoothquant W8A8", [("quantize", {"method": "smoothquant", "bits": 8, "group_size": None})]),
         ("kmeans 4-bit", [("share", {"method": "kmeans", "bits": 4})]),
-        ("svd 50% rank MLP", [("lowrank", {"method": "svd", "rank_ratio": 0.5,
-                                           "targets": ["gate_proj", "up_proj", "down_proj"]})]),
+        (
+            "svd 50% rank MLP",
+            [("lowrank", {"method": "svd", "rank_ratio": 0.5, "targets": ["gate_proj", "up_proj", "down_proj"]})],
+        ),
     ]
     return table
 
@@ -59,33 +70,43 @@ def missing_stage(stages: list[tuple[str, dict]]) -> str | None:
         if spec is None:
             return f"stage {name}"
         try:
-            spec.options(**options)
-        except Exception as error:  # an unknown method of a known stage
+            spec.options_model(options).model_validate(options)
+        except Exception as error:  # noqa: BLE001 - an unknown method of a known stage
             return f"{name} {options.get('method')}: {str(error).splitlines()[-1].strip()}"
     return None
 
 
-def kernel_of(model) -> str:
-    try:
-        from slimlm.quantize.packed import kernel_label
-    except ImportError:
-        return "dense"
-    return kernel_label(model)
-
-
 def print_table(results: dict, description: str) -> None:
     table = Table(title="slimlm quantization benchmark — SmolLM2-135M, WikiText-2 test @2048", caption=description)
-    columns = ("row", "ppl", "KL", "top-1", "disk MiB", "bits/weight", "decode tok/s", "prefill ms", "kernel",
-               "quantize s", "peak extra MiB")
+    columns = (
+        "row",
+        "ppl",
+        "KL",
+        "top-1",
+        "disk MiB",
+        "bits/weight",
+        "decode tok/s",
+        "prefill ms",
+        "kernel",
+        "quantize s",
+        "peak extra MiB",
+    )
     for column in columns:
         table.add_column(column, overflow="fold")
     for label, row in results.items():
         kernel = row.get("protocols", {}).get("decode_tokens_per_s", {}).get("kernel", "—")
         table.add_row(
-            label, fmt(row["perplexity"], ".2f"), fmt(row.get("kl_divergence"), ".4f"),
-            fmt(row.get("top1_agreement"), ".3f"), mib(row.get("size_on_disk")), fmt(row.get("bits_per_weight"), ".2f"),
-            fmt(row.get("decode_tokens_per_s"), ".1f"), fmt(row.get("prefill_ms"), ".0f"), kernel,
-            fmt(row.get("seconds"), ".0f"), mib(row.get("peak_extra_rss_bytes")),
+            label,
+            fmt(row["perplexity"], ".2f"),
+            fmt(row.get("kl_divergence"), ".4f"),
+            fmt(row.get("top1_agreement"), ".3f"),
+            mib(row.get("size_on_disk")),
+            fmt(row.get("bits_per_weight"), ".2f"),
+            fmt(row.get("decode_tokens_per_s"), ".1f"),
+            fmt(row.get("prefill_ms"), ".0f"),
+            kernel,
+            fmt(row.get("seconds"), ".0f"),
+            mib(row.get("peak_extra_rss_bytes")),
         )
     Console(width=220).print(table)
 
@@ -105,7 +126,7 @@ def main() -> None:
         if missing:
             print(f"skip {label}: {missing} is not available in this checkout", file=sys.stderr)
             continue
-        bench.run_stages(label, stages, save=True, speed_kernel=kernel_of)
+        bench.run_stages(label, stages, save=True, speed_kernel=kernel_summary)
     print_table(bench.results, bench.description)
     print(f"wrote {args.out}", file=sys.stderr)
 

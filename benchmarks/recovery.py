@@ -72,8 +72,16 @@ def rows(args) -> list[tuple[str, str, dict]]:
         ("LM fine-tune", "distill", {"loss": {"kl": 0.0, "lm": 1.0}, "lr": args.lr}),
         ("LoRA r8 (lm)", "lora", {"rank": 8, "alpha": 16.0, "loss": "lm", "lr": args.lora_lr}),
         ("KD logits", "distill", {**kd, "lr": args.lr}),
-        ("KD logits + hidden", "distill", {**kd, "loss": {"kl": 1.0, "hidden": args.hidden_weight},
-                                           "hidden_metric": args.hidden_metric, "lr": args.lr}),
+        (
+            "KD logits + hidden",
+            "distill",
+            {
+                **kd,
+                "loss": {"kl": 1.0, "hidden": args.hidden_weight},
+                "hidden_metric": args.hidden_metric,
+                "lr": args.lr,
+            },
+        ),
         ("KD on-policy λ=0.5", "distill", {**kd, "on_policy": 0.5, "lr": args.lr}),
     ]
 
@@ -129,26 +137,48 @@ class RecoveryBench(StageBench):
                 spec = get_stage(PRUNE[0])
                 with PeakMemory() as peak:
                     start = time.perf_counter()
-                    model = spec.apply(model, spec.options(**PRUNE[1]), context)
+                    model = spec.apply(model, spec.options_model(PRUNE[1]).model_validate(PRUNE[1]), context)
                     seconds = time.perf_counter() - start
             model.eval()
             self._student = (model, seconds, peak, list(context.notes))
-            print(f"student: {len(decoder_layers(model))} layers, kept {model.config.slimlm_kept_layers} "
-                  f"({seconds:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"student: {len(decoder_layers(model))} layers, kept {model.config.slimlm_kept_layers} "
+                f"({seconds:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         return self._student
 
     def training_options(self) -> dict:
         args = self.args
         steps = training_steps(args)
         warmup = steps // 10 if args.warmup is None else args.warmup
-        return {"steps": steps, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "seq_len": args.seq_len,
-                "warmup": min(warmup, steps - 1), "data": str(self.train_path), "checkpoint_every": 0, "seed": 0}
+        return {
+            "steps": steps,
+            "batch_size": args.batch_size,
+            "grad_accum": args.grad_accum,
+            "seq_len": args.seq_len,
+            "warmup": min(warmup, steps - 1),
+            "data": str(self.train_path),
+            "checkpoint_every": 0,
+            "seed": 0,
+        }
 
     def run_student(self) -> None:
         model, seconds, peak, notes = self.student()
-        self.measure(STUDENT_ROW, model, None, None,
-                     {"stages": [PRUNE], "notes": notes, "prune_seconds": seconds,
-                      "prune_peak_rss_bytes": peak.peak_bytes, "train_tokens": 0})
+        self.measure(
+            STUDENT_ROW,
+            model,
+            None,
+            None,
+            {
+                "stages": [PRUNE],
+                "notes": notes,
+                "prune_seconds": seconds,
+                "prune_peak_rss_bytes": peak.peak_bytes,
+                "train_tokens": 0,
+            },
+        )
 
     def run_recovery(self, label: str, stage: str, options: dict) -> None:
         student, prune_seconds, _, prune_notes = self.student()
@@ -159,7 +189,7 @@ class RecoveryBench(StageBench):
             context = self.context(Path(scratch))
             with torch.enable_grad(), PeakMemory() as peak:  # main() turns gradients off for evaluation
                 start = time.perf_counter()
-                model = spec.apply(model, spec.options(**options), context)
+                model = spec.apply(model, spec.options_model(options).model_validate(options), context)
                 seconds = time.perf_counter() - start
             records = [r for path in sorted(Path(scratch).glob("*/metrics.jsonl")) for r in read_metrics(path)]
         model.eval()
@@ -169,18 +199,24 @@ class RecoveryBench(StageBench):
         last = records[-1] if records else {}
         first = records[0] if records else {}
         recorded = {**options, "data": "+".join(TRAIN_SOURCES)}  # the .jsonl lives in a temporary folder
-        self.measure(label, model, seconds, peak, {
-            "stages": [PRUNE, (stage, recorded)],
-            "notes": prune_notes + [note.replace(str(self.train_path), recorded["data"]) for note in context.notes],
-            "prune_seconds": prune_seconds,
-            "train_steps": steps,
-            "train_tokens": steps * per_step,
-            "train_tokens_per_s": last.get("tokens_per_s"),
-            "train_loss_first": first.get("loss"),
-            "train_loss_last": last.get("loss"),
-            "train_log": records,
-            "train_data": self.train_data,
-        })
+        self.measure(
+            label,
+            model,
+            seconds,
+            peak,
+            {
+                "stages": [PRUNE, (stage, recorded)],
+                "notes": prune_notes + [note.replace(str(self.train_path), recorded["data"]) for note in context.notes],
+                "prune_seconds": prune_seconds,
+                "train_steps": steps,
+                "train_tokens": steps * per_step,
+                "train_tokens_per_s": last.get("tokens_per_s"),
+                "train_loss_first": first.get("loss"),
+                "train_loss_last": last.get("loss"),
+                "train_log": records,
+                "train_data": self.train_data,
+            },
+        )
 
     def measure(self, label, model, seconds, peak, extra, model_path=None, speed_kernel=None) -> None:
         if self.args.triviaqa_limit:
@@ -188,27 +224,50 @@ class RecoveryBench(StageBench):
 
             records = run_tasks(model, self.tokenizer, ["triviaqa"], limit=self.args.triviaqa_limit)
             found = {r.metric: r for r in records if r.task == "triviaqa"}
-            extra = {**extra, "triviaqa_exact_match": found["exact_match"].value,
-                     "triviaqa_f1": found["f1"].value if "f1" in found else None,
-                     "triviaqa_protocol": found["exact_match"].protocol}
+            extra = {
+                **extra,
+                "triviaqa_exact_match": found["exact_match"].value,
+                "triviaqa_f1": found["f1"].value if "f1" in found else None,
+                "triviaqa_protocol": found["exact_match"].protocol,
+            }
         super().measure(label, model, seconds, peak, extra, model_path, speed_kernel)
 
 
 def print_table(results: dict, description: str) -> None:
-    table = Table(title="slimlm recovery benchmark — SmolLM2-135M 30 → 22 layers (block influence), "
-                        "WikiText-2 test @2048", caption=description)
-    columns = ("row", "ppl", "KL", "top-1", "TriviaQA EM", "train tokens", "train tok/s", "loss first → last",
-               "wall s", "peak MiB", "peak extra MiB")
+    table = Table(
+        title="slimlm recovery benchmark — SmolLM2-135M 30 → 22 layers (block influence), WikiText-2 test @2048",
+        caption=description,
+    )
+    columns = (
+        "row",
+        "ppl",
+        "KL",
+        "top-1",
+        "TriviaQA EM",
+        "train tokens",
+        "train tok/s",
+        "loss first → last",
+        "wall s",
+        "peak MiB",
+        "peak extra MiB",
+    )
     for column in columns:
         table.add_column(column, overflow="fold")
     for label, row in results.items():
         first, last = row.get("train_loss_first"), row.get("train_loss_last")
         losses = "—" if first is None else f"{first:.3f} → {last:.3f}"
         table.add_row(
-            label, fmt(row["perplexity"], ".2f"), fmt(row.get("kl_divergence"), ".4f"),
-            fmt(row.get("top1_agreement"), ".3f"), fmt(row.get("triviaqa_exact_match"), ".3f"),
-            fmt(row.get("train_tokens"), ","), fmt(row.get("train_tokens_per_s"), ".0f"), losses,
-            fmt(row.get("seconds"), ".0f"), mib(row.get("peak_rss_bytes")), mib(row.get("peak_extra_rss_bytes")),
+            label,
+            fmt(row["perplexity"], ".2f"),
+            fmt(row.get("kl_divergence"), ".4f"),
+            fmt(row.get("top1_agreement"), ".3f"),
+            fmt(row.get("triviaqa_exact_match"), ".3f"),
+            fmt(row.get("train_tokens"), ","),
+            fmt(row.get("train_tokens_per_s"), ".0f"),
+            losses,
+            fmt(row.get("seconds"), ".0f"),
+            mib(row.get("peak_rss_bytes")),
+            mib(row.get("peak_extra_rss_bytes")),
         )
     Console(width=220).print(table)
 
@@ -216,8 +275,12 @@ def print_table(results: dict, description: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser, "recovery.json")
-    parser.add_argument("--train-tokens", type=int, default=32_768,
-                        help="training tokens per run (steps = this // (batch × seq_len × grad_accum))")
+    parser.add_argument(
+        "--train-tokens",
+        type=int,
+        default=32_768,
+        help="training tokens per run (steps = this // (batch × seq_len × grad_accum))",
+    )
     parser.add_argument("--triviaqa-limit", type=int, default=500, help="TriviaQA questions; 0 skips TriviaQA")
     parser.add_argument("--seq-len", type=int, default=512, help="training window length")
     parser.add_argument("--batch-size", type=int, default=4)
@@ -237,9 +300,13 @@ def main() -> None:
 
     bench = RecoveryBench(args)
     steps = training_steps(args)
-    print(f"budget: {steps} steps × {args.batch_size}×{args.grad_accum} windows of {args.seq_len} tokens = "
-          f"{steps * args.batch_size * args.grad_accum * args.seq_len:,} tokens per run "
-          f"(asked {args.train_tokens:,})", file=sys.stderr, flush=True)
+    print(
+        f"budget: {steps} steps × {args.batch_size}×{args.grad_accum} windows of {args.seq_len} tokens = "
+        f"{steps * args.batch_size * args.grad_accum * args.seq_len:,} tokens per run "
+        f"(asked {args.train_tokens:,})",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         if bench.wanted(TEACHER_ROW):
             bench.measure(TEACHER_ROW, bench.dense, None, None, {"stages": [], "notes": [], "train_tokens": 0})

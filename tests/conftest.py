@@ -18,19 +18,21 @@ _TRAINING_TEXT = (
 
 
 def build_tokenizer(vocab_size: int = 300):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     core.train_from_iterator([_TRAINING_TEXT], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
 
 
 def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, tie: bool = True):
@@ -38,9 +40,17 @@ def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, tie: bool 
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=vocab_size, tie_word_embeddings=tie, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        tie_word_embeddings=tie,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     config.architectures = ["LlamaForCausalLM"]
     return LlamaForCausalLM(config).eval()
@@ -80,13 +90,18 @@ def random_windows(model, samples: int = 4, seq_len: int = 16, seed: int = 0):
 def run_stage(model, name: str, windows=None, original=None, **options):
     """One stage, validated as a recipe would, on these calibration windows (seeded random ones by default; the
     recipe's data is not loaded) with `original` as the uncompressed model; returns the context."""
+    from slimlm.calibration import Calibration
     from slimlm.recipe import parse_recipe
     from slimlm.registry import StageContext, get_stage
 
     recipe = parse_recipe({"model": "m", "stages": [{name: options}]})
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None,
-                           load_original=None if original is None else (lambda: original),
-                           _windows=random_windows(model, 8, 32) if windows is None else windows)
+    calibration = Calibration(recipe.calibration, windows=random_windows(model, 8, 32) if windows is None else windows)
+    context = StageContext(
+        tokenizer=None,
+        calibration=calibration,
+        output_dir=None,
+        load_original=None if original is None else (lambda: original),
+    )
     get_stage(name).apply(model, recipe.stages[0].options, context)
     return context
 

@@ -1,5 +1,6 @@
 """Every shipped recipe runs through `slimlm compress` on the built-in model (calibration and evaluation shrunk so
-the test takes minutes, not hours); every stage's saved model reloads with from_pretrained."""
+the test takes minutes, not hours); every stage's saved model reloads through slimlm, and plain from_pretrained loads
+it too or refuses it (a folder of slimlm's own modules)."""
 
 import subprocess
 import sys
@@ -25,17 +26,22 @@ def test_shipped_recipe_runs_from_slimlm_compress_on_the_builtin_model(recipe, t
     from transformers import AutoModelForCausalLM
 
     from slimlm.models import load_model
+    from slimlm.storage import stored_modules
 
     shrunk = tmp_path / recipe.name
     shrunk.write_text(yaml.safe_dump(_shrunk(recipe, tmp_path / "run")))
-    result = subprocess.run([sys.executable, "-m", "slimlm.cli", "compress", str(shrunk)], capture_output=True,
-                            text=True, timeout=1200)
+    result = subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", "compress", str(shrunk)], capture_output=True, text=True, timeout=1200
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "report.md").exists()
     stages = sorted((tmp_path / "run" / "stages").iterdir())
     assert len(stages) == len(yaml.safe_load(recipe.read_text())["stages"])
     for folder in stages:
-        # pruned models are plain transformers models; packed quantized ones load through slimlm
-        model = load_model(str(folder)).model if "quantize" in folder.name else \
-            AutoModelForCausalLM.from_pretrained(folder)
+        model = load_model(str(folder)).model
         assert model.config.num_hidden_layers == len(model.model.layers)
+        if stored_modules(model):  # packed quantized: plain transformers must refuse, not load random weights
+            with pytest.raises(ValueError, match="model type `slimlm`"):
+                AutoModelForCausalLM.from_pretrained(folder)
+        else:
+            AutoModelForCausalLM.from_pretrained(folder)

@@ -23,7 +23,9 @@ def test_statistics_match_a_direct_computation(tiny_model):
     inputs = capture_first_layer_inputs(tiny_model, windows)
     layer = decoder_layers(tiny_model)[0]
     captured = []
-    handle = layer.mlp.down_proj.register_forward_hook(lambda m, a, o: captured.append(a[0].reshape(-1, a[0].shape[-1])))
+    handle = layer.mlp.down_proj.register_forward_hook(
+        lambda m, a, o: captured.append(a[0].reshape(-1, a[0].shape[-1]))
+    )
     stats = observe_layer(layer, inputs, names=["mlp.down_proj"], hessian=True)["mlp.down_proj"]
     handle.remove()
     x = torch.cat(captured)

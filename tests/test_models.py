@@ -98,7 +98,7 @@ def test_builtin_model_is_converted_once_and_described_as_dequantized_q4_1():
     assert not hasattr(model.config, "quantization_config")
     ids = loaded.tokenizer("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in loaded.tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def _logits(model, windows):
@@ -106,11 +106,15 @@ def _logits(model, windows):
         return model(windows, use_cache=False).logits
 
 
-@pytest.mark.parametrize("stages", [
-    [("lowrank", {"method": "svd", "rank": 8})],
-    [("share", {"method": "tie_layers", "count": 1})],
-    [("quantize", {"method": "rtn", "bits": 4, "group_size": 32}), ("lowrank", {"method": "eora", "rank": 4})],
-], ids=["svd", "tie_layers", "packed+eora"])
+@pytest.mark.parametrize(
+    "stages",
+    [
+        [("lowrank", {"method": "svd", "rank": 8})],
+        [("share", {"method": "tie_layers", "count": 1})],
+        [("quantize", {"method": "rtn", "bits": 4, "group_size": 32}), ("lowrank", {"method": "eora", "rank": 4})],
+    ],
+    ids=["svd", "tie_layers", "packed+eora"],
+)
 def test_slimlm_modules_survive_save_model_and_load_model(tiny_model, tiny_tokenizer, tmp_path, stages):
     import copy
 

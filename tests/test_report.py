@@ -15,8 +15,14 @@ DESCRIPTION = (
     "SmolLM2-135M-Instruct, read from the Q4_1 GGUF in ../shared and dequantized to fp32: that fp32 model is "
     "the 'original' every stage is compared with, not the bf16 checkpoint published on the Hub."
 )
-WIKI = {"data": "wikitext-2-raw-v1/test.parquet", "sha256": "a1b2c3d4e5f6", "seq_len": 512, "windows": "8 of 566",
-        "dtype": "float32", "threads": 2}
+WIKI = {
+    "data": "wikitext-2-raw-v1/test.parquet",
+    "sha256": "a1b2c3d4e5f6",
+    "seq_len": 512,
+    "windows": "8 of 566",
+    "dtype": "float32",
+    "threads": 2,
+}
 
 
 def _speed(decode: float, prefill_ms: float, kernel: str) -> list[Record]:
@@ -29,16 +35,28 @@ def _speed(decode: float, prefill_ms: float, kernel: str) -> list[Record]:
     ]
 
 
-def _model(ppl: float, size: float, nonzero: int, rss: float, decode: float, prefill: float, kernel: str,
-           kl: float | None = None, piqa: float | None = None, note: str = "") -> list[dict]:
+def _model(
+    ppl: float,
+    size: float,
+    nonzero: int,
+    rss: float,
+    decode: float,
+    prefill: float,
+    kernel: str,
+    kl: float | None = None,
+    piqa: float | None = None,
+    note: str = "",
+) -> list[dict]:
     records = [
         Record("wikitext2", "perplexity", ppl, "", False, WIKI, note),
         Record("wikitext2", "word_perplexity", ppl * 1.9, "", False, WIKI, note),
         Record("wikitext2", "bits_per_byte", 1.05, "bits", False, WIKI, note),
     ]
     if kl is not None:
-        records += [Record("wikitext2", "kl_divergence", kl, "nats/token", False, WIKI, note),
-                    Record("wikitext2", "top1_agreement", 0.9123, "fraction", True, WIKI, note)]
+        records += [
+            Record("wikitext2", "kl_divergence", kl, "nats/token", False, WIKI, note),
+            Record("wikitext2", "top1_agreement", 0.9123, "fraction", True, WIKI, note),
+        ]
     if piqa is not None:
         records.append(Record("piqa", "acc", piqa, "fraction", True, {"harness": "lm-eval 0.4.13", "limit": 200}))
     how = {"method": "file sizes of the saved model folder"}
@@ -58,31 +76,66 @@ def _summary() -> dict:
         "slimlm_version": "0.1.0",
         "created": "2026-11-23T14:50:00Z",
         "recipe": {
-            "model": "smollm2-135m", "dtype": "float32",
+            "model": "smollm2-135m",
+            "dtype": "float32",
             "calibration": {"data": "c4", "samples": 128, "seq_len": 512, "seed": 0},
             "evaluate": {"tasks": ["wikitext2", "piqa"], "seq_len": 512, "limit": 8},
             "stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}, {"quantize": {"bits": 8}}],
             "output": "runs/demo",
         },
-        "machine": {"cpu": "AMD EPYC 7763", "logical_cores": 2, "torch_threads": 2, "torch": "2.13.0+cpu",
-                    "transformers": "5.23.0", "python": "3.11.7", "os": "Linux-6.8", "ram_bytes": 8 * 2**30,
-                    "cuda": None, "energy_counter": None},
+        "machine": {
+            "cpu": "AMD EPYC 7763",
+            "logical_cores": 2,
+            "torch_threads": 2,
+            "torch": "2.13.0+cpu",
+            "transformers": "5.23.0",
+            "python": "3.11.7",
+            "os": "Linux-6.8",
+            "ram_bytes": 8 * 2**30,
+            "cuda": None,
+            "energy_counter": None,
+        },
         "original": {
-            "name": "original", "description": DESCRIPTION, "source": "smollm2-135m",
-            "path": "/shared/models/SmolLM2-135M-Instruct-Q4_1.gguf", "cached": True,
+            "name": "original",
+            "description": DESCRIPTION,
+            "source": "smollm2-135m",
+            "path": "/shared/models/SmolLM2-135M-Instruct-Q4_1.gguf",
+            "cached": True,
             "records": _model(20.0, 513.2 * mib, 134_515_008, 900 * mib, 42.0, 250.0, "dense", piqa=0.6512),
         },
         "stages": [
-            {"index": 1, "name": "prune", "label": "01-prune", "options": {"method": "magnitude", "sparsity": 0.5},
-             "folder": "stages/01-prune", "seconds": 12.3,
-             "records": _model(25.0, 513.2 * mib, 67_257_504, 950 * mib, 41.16, 255.0, "dense", kl=0.12345,
-                               piqa=0.6123),
-             "notes": ["Unstructured sparsity: dense kernels run no faster; the files are no smaller."]},
-            {"index": 2, "name": "quantize", "label": "02-quantize", "options": {"bits": 8},
-             "folder": "stages/02-quantize", "seconds": 30.0,
-             "records": _model(25.3, 140.1 * mib, 67_257_504, 1000 * mib, 20.5, 600.0, "dequantized", kl=0.2,
-                               note="simulated (fake-quant)"),
-             "notes": ["Weights are stored in int8 but computed in fp32 (dequantized)."]},
+            {
+                "index": 1,
+                "name": "prune",
+                "label": "01-prune",
+                "options": {"method": "magnitude", "sparsity": 0.5},
+                "folder": "stages/01-prune",
+                "seconds": 12.3,
+                "records": _model(
+                    25.0, 513.2 * mib, 67_257_504, 950 * mib, 41.16, 255.0, "dense", kl=0.12345, piqa=0.6123
+                ),
+                "notes": ["Unstructured sparsity: dense kernels run no faster; the files are no smaller."],
+            },
+            {
+                "index": 2,
+                "name": "quantize",
+                "label": "02-quantize",
+                "options": {"bits": 8},
+                "folder": "stages/02-quantize",
+                "seconds": 30.0,
+                "records": _model(
+                    25.3,
+                    140.1 * mib,
+                    67_257_504,
+                    1000 * mib,
+                    20.5,
+                    600.0,
+                    "dequantized",
+                    kl=0.2,
+                    note="simulated (fake-quant)",
+                ),
+                "notes": ["Weights are stored in int8 but computed in fp32 (dequantized)."],
+            },
         ],
         "model_folder": "model",
     }
@@ -143,10 +196,17 @@ def test_table_orders_quality_before_footprint():
 
 @pytest.mark.parametrize(
     ("value", "metric", "unit", "expected"),
-    [(513.2 * 2**20, "size_on_disk", "bytes", "513.2 MiB"), (134_515_008, "params_total", "params", "134.52 M"),
-     (20.0, "perplexity", "", "20.00"), (0.012345, "kl_divergence", "nats/token", "0.01235"),
-     (0.5, "f1,none", "fraction", "0.5000"), (41.16, "decode_tokens_per_s", "tokens/s", "41.2"),
-     (None, "perplexity", "", "—"), (4.5, "bits_per_weight", "bits", "4.50"), (1.05, "bits_per_byte", "bits", "1.050")],
+    [
+        (513.2 * 2**20, "size_on_disk", "bytes", "513.2 MiB"),
+        (134_515_008, "params_total", "params", "134.52 M"),
+        (20.0, "perplexity", "", "20.00"),
+        (0.012345, "kl_divergence", "nats/token", "0.01235"),
+        (0.5, "f1,none", "fraction", "0.5000"),
+        (41.16, "decode_tokens_per_s", "tokens/s", "41.2"),
+        (None, "perplexity", "", "—"),
+        (4.5, "bits_per_weight", "bits", "4.50"),
+        (1.05, "bits_per_byte", "bits", "1.050"),
+    ],
 )
 def test_format_value(value, metric, unit, expected):
     assert report.format_value(value, metric, unit) == expected
@@ -202,3 +262,35 @@ def test_summary_without_stages(tmp_path):
     summary["stages"] = []
     paths = report.write_report(summary, tmp_path)
     assert "| wikitext2 | perplexity ↓ | 20.00 |" in paths["markdown"].read_text(encoding="utf-8")
+
+
+def _busy_summary() -> dict:
+    summary = _summary()
+    for record in summary["stages"][0]["records"]:
+        if record["task"] == "speed" and record["value"] is not None:
+            record["protocol"] = {**record["protocol"], "busy": True}
+            record["note"] = "busy machine: 1-min load average 5.1 before, 6.0 after the runs, above its 2 usable cores"
+            record["spread"] = [record["value"] * 0.9, record["value"] * 1.1]
+    return summary
+
+
+def test_busy_speed_figures_are_flagged_with_their_spread():
+    rows = {(row["task"], row["metric"]): row for row in report.comparison_rows(_busy_summary())}
+    cell = rows["speed", "decode_tokens_per_s"]["cells"]["01-prune"]
+    assert cell == f"41.2 (×0.98) {{37.0–45.3}} * [dense] {report.BUSY}"
+    assert rows["speed", "decode_tokens_per_s"]["cells"]["original"] == "42.0 [dense]"  # measured on a quiet machine
+    text = report.render_markdown(_busy_summary())
+    assert "busy machine: 1-min load average 5.1 before" in text and f"{report.BUSY}: measured while" in text
+
+
+def test_busy_figures_render_in_the_plots(tmp_path):
+    paths = report.write_report(_busy_summary(), tmp_path)
+    assert paths["speed"].read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_plots_module_does_not_import_the_report_module():
+    import subprocess
+    import sys
+
+    code = "import sys, slimlm.report_plots; print('slimlm.report' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"

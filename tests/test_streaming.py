@@ -4,18 +4,16 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama, random_windows
+from slimlm.calibration import Calibration
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.footprint import PeakMemory
-from slimlm.recipe import CalibrationConfig
 from slimlm.registry import StageContext, get_stage
 from slimlm.streaming import load_streamed
 
 
 def _run_stage(model, windows, tmp_path, name, **options):
     spec = get_stage(name)
-    context = StageContext(None, CalibrationConfig(samples=windows.shape[0], seq_len=windows.shape[1]), tmp_path,
-                           _windows=windows)
-    return spec.apply(model, spec.options(**options), context)
+    context = StageContext(None, Calibration(None, windows=windows), tmp_path)
+    return spec.apply(model, spec.options_model(options).model_validate(options), context)
 
 
 @pytest.fixture()
@@ -49,8 +47,9 @@ def test_streamed_pruning_equals_pruning_the_loaded_model(bf16_checkpoint, tmp_p
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     for (name, want), got in zip(expected.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(want, got), name
-    assert streamed.slimlm_layer_stream.peak_layer_bytes < sum(
-        p.numel() * 2 for p in dense.model.layers.parameters()) / 2  # one layer of three, not all
+    assert (
+        streamed.slimlm_layer_stream.peak_layer_bytes < sum(p.numel() * 2 for p in dense.model.layers.parameters()) / 2
+    )  # one layer of three, not all
 
 
 def test_whole_model_methods_refuse_a_streamed_model(bf16_checkpoint, tmp_path):

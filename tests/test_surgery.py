@@ -11,12 +11,16 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen2ForCausalLM
 
+import conftest
 from conftest import build_tiny_llama
 from slimlm.models import save_model
-from slimlm.recipe import parse_recipe
-from slimlm.registry import StageContext, get_stage
 from slimlm.surgery import (
-    config_rejection, count_parameters, head_dims, keep_attention_heads, keep_mlp_channels, remove_decoder_layers,
+    config_rejection,
+    count_parameters,
+    head_dims,
+    keep_attention_heads,
+    keep_mlp_channels,
+    remove_decoder_layers,
     slice_linear,
 )
 
@@ -44,17 +48,15 @@ def calibration(model, samples=4, seq_len=16, seed=0):
 
 
 def run_stage(model, name, windows=None, **options):
-    """A stage as the pipeline runs it (options parsed from a recipe), on given calibration windows."""
-    recipe = parse_recipe({"model": "m", "stages": [{name: options}]})
-    windows = calibration(model) if windows is None else windows
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None, _windows=windows)
-    model = get_stage(name).apply(model, recipe.stages[0].options, context) or model
-    return model, context
+    """A stage as the pipeline runs it (options parsed from a recipe), on given calibration windows; the stages
+    tested here change the model in place."""
+    return model, conftest.run_stage(model, name, calibration(model) if windows is None else windows, **options)
 
 
 def greedy(model, use_cache=True, new_tokens=12):
-    return model.generate(PROMPT, max_new_tokens=new_tokens, do_sample=False, use_cache=use_cache,
-                          pad_token_id=model.config.pad_token_id)
+    return model.generate(
+        PROMPT, max_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=model.config.pad_token_id
+    )
 
 
 def reloaded(model, folder):
@@ -125,10 +127,19 @@ def test_removing_layers_equals_skipping_them(tiny_tokenizer, tmp_path):
 def test_removing_layers_slices_layer_types(tiny_tokenizer, tmp_path):
     torch.manual_seed(0)
     config = Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=len(tiny_tokenizer), max_position_embeddings=512, use_sliding_window=True, sliding_window=3,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tiny_tokenizer),
+        max_position_embeddings=512,
+        use_sliding_window=True,
+        sliding_window=3,
         layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        pad_token_id=2, eos_token_id=2, bos_token_id=1,
+        pad_token_id=2,
+        eos_token_id=2,
+        bos_token_id=1,
     )
     model = lively(Qwen2ForCausalLM(config).eval())
 
@@ -152,7 +163,8 @@ def test_removing_every_layer_or_a_missing_one_is_refused(tiny_tokenizer):
 
 
 def test_keeping_mlp_channels_equals_zeroing_the_others(tiny_tokenizer):
-    mlp = lively_llama(len(tiny_tokenizer)).model.layers[0].mlp
+    layer = lively_llama(len(tiny_tokenizer)).model.layers[0]
+    mlp = layer.mlp
     masked = copy.deepcopy(mlp)
     kept = torch.arange(0, 128, 3)
     dropped = torch.ones(128, dtype=torch.bool)
@@ -160,7 +172,7 @@ def test_keeping_mlp_channels_equals_zeroing_the_others(tiny_tokenizer):
     with torch.no_grad():
         masked.down_proj.weight[:, dropped] = 0
 
-    keep_mlp_channels(mlp, kept)
+    keep_mlp_channels(layer, kept)
 
     assert (mlp.gate_proj.out_features, mlp.up_proj.out_features, mlp.down_proj.in_features) == (43, 43, 43)
     x = torch.randn(2, 5, 64)
@@ -184,7 +196,7 @@ def test_keeping_heads_equals_zeroing_the_others(tiny_tokenizer, query_heads, kv
         masked.model.layers[0].self_attn.o_proj.weight[:, head_dims(dropped, 16)] = 0
     attention = model.model.layers[0].self_attn
 
-    keep_attention_heads(attention, query_heads, kv_heads)
+    keep_attention_heads(model.model.layers[0], query_heads, kv_heads)
 
     assert attention.q_proj.out_features == attention.o_proj.in_features == 16 * len(query_heads)
     assert attention.k_proj.out_features == attention.v_proj.out_features == 16 * len(kv_heads)

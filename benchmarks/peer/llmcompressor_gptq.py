@@ -25,14 +25,14 @@ import os
 os.environ["CUDA_VISIBLE_DEVICES"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
 
-import torch  # noqa: E402
+import torch
 
 GROUP_SIZE = 64
 BITS = 4
@@ -67,8 +67,11 @@ def versions() -> dict:
 
 def decoder_linears(model) -> dict[str, torch.nn.Module]:
     """HF parameter prefix -> module for every decoder projection (lm_head and embeddings excluded)."""
-    return {name: module for name, module in model.named_modules()
-            if ".layers." in name and name.rsplit(".", 1)[-1] in PROJECTIONS}
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if ".layers." in name and name.rsplit(".", 1)[-1] in PROJECTIONS
+    }
 
 
 @torch.no_grad()
@@ -88,15 +91,18 @@ def check_grid(name: str, module) -> dict:
         rounded = codes.round()
         report.update(
             max_code_residual=float((codes - rounded).abs().max()),
-            code_min=int(rounded.min()), code_max=int(rounded.max()),
+            code_min=int(rounded.min()),
+            code_max=int(rounded.max()),
             max_reconstruction_error=float((rounded * scale - groups).abs().max()),
         )
         zero_point = getattr(module, "weight_zero_point", None)
         if zero_point is not None:
             report["zero_point_all_zero"] = bool((zero_point == 0).all())
     if distinct > 2**BITS:
-        raise SystemExit(f"{name}: a group of {GROUP_SIZE} holds {distinct} distinct values, more than {2**BITS}: "
-                         "the weight is not the fake-quantized one")
+        raise SystemExit(
+            f"{name}: a group of {GROUP_SIZE} holds {distinct} distinct values, more than {2**BITS}: "
+            "the weight is not the fake-quantized one"
+        )
     return report
 
 
@@ -157,7 +163,7 @@ def main() -> None:
         "load_seconds": load_seconds,
         "total_seconds": total_seconds,
         "total_includes": "interpreter already started: imports of datasets/llmcompressor/transformers, the "
-                          "calibration data set, model and tokenizer load, oneshot",
+        "calibration data set, model and tokenizer load, oneshot",
         "calibration": {"samples": samples, "seq_len": seq_len, "shuffle": False, "batch_size": 1},
         "recipe": {
             "modifier": "GPTQModifier",
@@ -165,19 +171,20 @@ def main() -> None:
             "ignore": ["lm_head"],
             "block_size": recipe.block_size,
             "dampening_frac": recipe.dampening_frac,
-            "actorder": None if scheme is None else getattr(scheme.weights.actorder, "value",
-                                                             scheme.weights.actorder),
+            "actorder": None if scheme is None else getattr(scheme.weights.actorder, "value", scheme.weights.actorder),
             "observer": None if scheme is None else scheme.weights.observer,
             "pipeline": "default (independent: sequential per decoder layer for GPTQ)",
         },
         "grid": "compressed-tensors int4 symmetric: scale = max|w| / 7.5 per group of 64 (from the original weights, "
-                "before GPTQ), zero point 0, codes round(w/scale) clamped to -8..7",
+        "before GPTQ), zero point 0, codes round(w/scale) clamped to -8..7",
         "linears": len(linears),
         "weight_checks": {
             "max_distinct_per_group": max(c["max_distinct_per_group"] for c in checks.values()),
             "max_code_residual": max(c.get("max_code_residual", 0.0) for c in checks.values()),
-            "code_range": [min(c.get("code_min", 0) for c in checks.values()),
-                           max(c.get("code_max", 0) for c in checks.values())],
+            "code_range": [
+                min(c.get("code_min", 0) for c in checks.values()),
+                max(c.get("code_max", 0) for c in checks.values()),
+            ],
             "zero_point_all_zero": all(c.get("zero_point_all_zero", True) for c in checks.values()),
         },
         "torch_threads": torch.get_num_threads(),
@@ -186,9 +193,12 @@ def main() -> None:
     }
     json_path = args.json or args.out.with_suffix(".json")
     json_path.write_text(json.dumps(summary, indent=2, default=str))
-    print(f"llmcompressor gptq: oneshot {oneshot_seconds:.1f} s, total {total_seconds:.1f} s, "
-          f"{len(linears)} Linears, at most {summary['weight_checks']['max_distinct_per_group']} values per group; "
-          f"wrote {args.out}", file=sys.stderr)
+    print(
+        f"llmcompressor gptq: oneshot {oneshot_seconds:.1f} s, total {total_seconds:.1f} s, "
+        f"{len(linears)} Linears, at most {summary['weight_checks']['max_distinct_per_group']} values per group; "
+        f"wrote {args.out}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,10 @@ Statistics accumulate in float32 (or float64) whatever the model's dtype, on the
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,10 +61,8 @@ def capture_first_layer_inputs(model: nn.Module, windows: torch.Tensor, batch_si
     device = next(model.parameters()).device
     try:
         for start in range(0, windows.shape[0], batch_size):
-            try:
+            with suppress(_StopForward):
                 model(windows[start : start + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         layers[0] = first
     return sink
@@ -82,8 +81,9 @@ def run_layer(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
 LayerVisitor = Callable[[int, nn.Module, LayerInputs], None]
 
 
-def walk_layers(model: nn.Module, windows: torch.Tensor, visit: LayerVisitor, description: str = "calibrate",
-                batch_size: int = 1) -> None:
+def walk_layers(
+    model: nn.Module, windows: torch.Tensor, visit: LayerVisitor, description: str = "calibrate", batch_size: int = 1
+) -> None:
     """Call `visit(index, layer, inputs)` for every decoder layer in order; each sees the inputs produced by the
     layers before it *after* their visits (so errors of compressed layers propagate, as in GPTQ/SparseGPT)."""
     inputs = capture_first_layer_inputs(model, windows, batch_size)
@@ -128,8 +128,9 @@ class InputStats:
 
 
 @contextmanager
-def collect_input_stats(linears: dict[str, nn.Linear], hessian: bool = False,
-                        dtype: torch.dtype = torch.float32) -> Iterator[dict[str, InputStats]]:
+def collect_input_stats(
+    linears: dict[str, nn.Linear], hessian: bool = False, dtype: torch.dtype = torch.float32
+) -> Iterator[dict[str, InputStats]]:
     """Within the block, every forward through one of `linears` adds its input to that Linear's InputStats."""
     stats = {name: InputStats(lin.in_features, lin.weight.device, hessian, dtype) for name, lin in linears.items()}
     handles = [
@@ -143,8 +144,13 @@ def collect_input_stats(linears: dict[str, nn.Linear], hessian: bool = False,
             handle.remove()
 
 
-def observe_layer(layer: nn.Module, inputs: LayerInputs, names: list[str] | None = None, hessian: bool = False,
-                  dtype: torch.dtype = torch.float32) -> dict[str, InputStats]:
+def observe_layer(
+    layer: nn.Module,
+    inputs: LayerInputs,
+    names: list[str] | None = None,
+    hessian: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, InputStats]:
     """Run the layer over its calibration inputs once and return input statistics for the chosen Linears."""
     linears = layer_linears(layer)
     if names is not None:

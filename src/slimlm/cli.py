@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import re
 import sys
+import typing
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from slimlm.errors import SlimlmError
@@ -18,7 +21,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make languag
 _out = Console()
 _err = Console(stderr=True)
 
-EVAL_TASKS = "wikitext2|wikitext2-valid|c4|triviaqa|piqa|arc_easy|boolq|hellaswag|sst2 (or any lm-eval task, or a text file)"
+EVAL_TASKS = (
+    "wikitext2|wikitext2-valid|c4|triviaqa|piqa|arc_easy|boolq|hellaswag|sst2 (or any lm-eval task, or a text file)"
+)
 
 
 @app.callback()
@@ -26,23 +31,31 @@ def _global_options(debug: bool = typer.Option(False, "--debug", help="Show full
     """Prune, quantize, distill and evaluate LLaMA-family models."""
 
 
+def _value_text(record) -> str:
+    if record.value is None:
+        return "n/a"
+    spread = f" ({record.spread[0]:.6g}–{record.spread[1]:.6g})" if record.spread else ""
+    return f"{record.value:.6g}{spread}"
+
+
 def _records_table(title: str, records) -> Table:
-    table = Table(title=title)
+    table = Table(title=escape(title))
     for column in ("task", "metric", "value", "unit", "protocol"):
         table.add_column(column, overflow="fold")
     for r in records:
-        value = "n/a" if r.value is None else f"{r.value:.6g}"
-        table.add_row(r.task, r.metric, value, r.unit, r.protocol_line() + (f" — {r.note}" if r.note else ""))
+        protocol = r.protocol_line() + (f" — {r.note}" if r.note else "")
+        # escape: rich would take "[dense]" or a path in brackets for markup and drop it
+        table.add_row(*(escape(text) for text in (r.task, r.metric, _value_text(r), r.unit, protocol)))
     return table
 
 
 @app.command("eval")
 def eval_command(
     model: str = typer.Option(..., "--model", help="Built-in name, HF folder, hub id or .gguf file."),
-    task: List[str] = typer.Option(["wikitext2"], "--task", help=EVAL_TASKS),
-    seq_len: int = typer.Option(2048, "--seq-len", min=8, help="Perplexity window length in tokens."),
-    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Perplexity windows / task documents to use."),
-    reference: Optional[str] = typer.Option(None, "--reference", help="Model to compute KL and top-1 agreement against."),
+    task: list[str] = typer.Option(["wikitext2"], "--task", help=EVAL_TASKS),
+    seq_len: int = typer.Option(2048, "--seq-len", min=8, max=1_000_000, help="Perplexity window length in tokens."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Perplexity windows / task documents to use."),
+    reference: str | None = typer.Option(None, "--reference", help="Model to compute KL and top-1 agreement against."),
     speed: bool = typer.Option(False, "--speed", help="Also measure prefill latency and decode speed."),
     dtype: str = typer.Option("float32", "--dtype"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load .bin/.pt weights (can run arbitrary code)."),
@@ -63,7 +76,7 @@ def eval_command(
         payload = {"model": model, "description": loaded.source.description, "records": [r.to_dict() for r in records]}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")
         return
-    _out.print(loaded.source.description)
+    _out.print(loaded.source.description, markup=False)
     _out.print(_records_table(f"slimlm eval — {model}", records))
 
 
@@ -71,20 +84,88 @@ def eval_command(
 def compress_command(
     recipe: Path = typer.Argument(..., help="Recipe YAML file."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last finished stage."),
-    output: Optional[str] = typer.Option(None, "--output", help="Override the recipe's output folder."),
+    output: str | None = typer.Option(None, "--output", help="Override the recipe's output folder."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate the recipe (reads model configs, no weights)."),
 ) -> None:
     """Run a recipe: stages in order, a saved model after each, and a report beside the original."""
     from slimlm.pipeline import run_recipe
-    from slimlm.recipe import load_recipe
+    from slimlm.recipe import check_recipe, load_recipe
     from slimlm.report import render_markdown
 
     parsed = load_recipe(recipe)
     if output:
         parsed.output = output
+    if dry_run:
+        check_recipe(parsed)
+        _out.print(
+            f"{recipe}: valid ({len(parsed.stages)} stages: {', '.join(s.name for s in parsed.stages)}); "
+            f"would write {parsed.output}",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
     summary = run_recipe(parsed, resume=resume)
-    _out.print(render_markdown(summary))
-    _out.print(f"[bold]model:[/] {Path(parsed.output) / summary['model_folder']}   [bold]report:[/] "
-               f"{Path(parsed.output) / 'report.md'}")
+    # soft_wrap: the Markdown report's table rows must stay whole lines, whatever the terminal width
+    _out.print(render_markdown(summary), markup=False, highlight=False, soft_wrap=True)
+    _out.print(
+        f"model: {Path(parsed.output) / summary['model_folder']}   report: {Path(parsed.output) / 'report.md'}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _allowed(field) -> str:
+    """What an option accepts, read from its type and bounds; validators may narrow it further."""
+    if typing.get_origin(field.annotation) is typing.Literal:
+        return " | ".join(str(arg) for arg in typing.get_args(field.annotation))
+    text = getattr(field.annotation, "__name__", None) or re.sub(r"(?:\w+\.)+(\w+)", r"\1", str(field.annotation))
+    bounds = [
+        f"{symbol} {getattr(item, name)}"
+        for item in field.metadata
+        for name, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        if getattr(item, name, None) is not None
+    ]
+    return ", ".join([text, *bounds])
+
+
+def _default(field) -> str:
+    if field.is_required():
+        return "required"
+    from pydantic_core import to_jsonable_python
+
+    # JSON spells null, true and lists as a recipe does
+    return json.dumps(to_jsonable_python(field.get_default(call_default_factory=True)))
+
+
+def _print_options(title: str, options, methods: list[str]) -> None:
+    _out.print(title, markup=False, highlight=False, soft_wrap=True)
+    table = Table()
+    for column in ("option", "default", "allowed"):
+        table.add_column(column, overflow="fold")
+    for name, field in options.model_fields.items():
+        # a registry-checked `method` is typed str: the registry knows the names
+        allowed = " | ".join(methods) if name == "method" and methods else _allowed(field)
+        table.add_row(*(escape(text) for text in (name, _default(field), allowed)))
+    _out.print(table)
+
+
+@app.command("stages")
+def stages_command() -> None:
+    """Every stage, its methods, and each method's options with their defaults."""
+    from slimlm.registry import get_stage, stage_names
+
+    for name in stage_names():
+        spec = get_stage(name)
+        methods = sorted(spec.methods or [])
+        own = dict(spec.methods.options) if spec.methods else {}  # methods with an options model of their own
+        shared = [method for method in methods if method not in own]
+        if shared or not own:
+            label = f" (methods: {', '.join(shared)})" if shared else ""
+            _print_options(f"{name}{label}: {spec.summary}", spec.options, methods)
+        for method, options in sorted(own.items()):
+            _print_options(f"{name}, method: {method}", options, methods)
 
 
 @app.command("info")
@@ -100,9 +181,11 @@ def info_command(
     with contextlib.redirect_stdout(sys.stderr):
         loaded = load_model(model, allow_pickle=allow_pickle)
     m = loaded.model
-    _out.print(f"[bold]{model}[/]: {type(m).__name__}, {m.config.num_hidden_layers} layers, hidden "
-               f"{m.config.hidden_size}, {m.config.num_attention_heads} heads / {m.config.num_key_value_heads} KV heads")
-    _out.print(loaded.source.description)
+    _out.print(
+        f"[bold]{escape(model)}[/]: {type(m).__name__}, {m.config.num_hidden_layers} layers, hidden "
+        f"{m.config.hidden_size}, {m.config.num_attention_heads} heads / {m.config.num_key_value_heads} KV heads"
+    )
+    _out.print(loaded.source.description, markup=False)
     if loaded.source.gguf_types:
         _out.print("GGUF tensor types: " + ", ".join(f"{k}: {v}" for k, v in loaded.source.gguf_types.items()))
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in m.parameters()})
@@ -117,30 +200,61 @@ def info_command(
         _out.print(table)
 
 
-def main() -> None:
-    debug = "--debug" in sys.argv
+def _quiet_libraries() -> None:
+    """transformers' and the hub's tqdm bars would interleave with slimlm's own progress lines, and their config
+    warnings would print before (and bury) slimlm's one-line error; set before either library is imported."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers follows the hub's setting
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _one_line(message: str) -> None:
+    _err.print(message, markup=False, highlight=False, soft_wrap=True)
+
+
+def _usage_error(err: typer.TyperException) -> int:
+    """click's errors (typer bundles its own click, so these are not click.ClickException): one line naming the
+    option, with click's exit code (2 for usage errors)."""
+    ctx = getattr(err, "ctx", None)
+    if type(err).__name__ == "NoArgsIsHelpError":  # bare `slimlm`: the help, as click shows it
+        err.show()
+        return err.exit_code
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    _one_line(f"error: {err.format_message()}{hint}")
+    return err.exit_code
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    # --debug works anywhere on the command line, not only before the command
+    args = [arg for arg in args if arg != "--debug"]
+    if not debug:
+        _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        code = app(args=args, prog_name="slimlm", standalone_mode=False)
     except SlimlmError as err:
         if debug:
             raise
-        _err.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        _one_line(f"error: {err}")
         sys.exit(1)
+    except typer.TyperException as err:
+        if debug:
+            raise
+        sys.exit(_usage_error(err))
     except typer.Abort:
         _err.print("aborted")
         sys.exit(130)
-    except Exception as err:  # noqa: BLE001 - one line unless --debug, whatever broke
+    except Exception as err:
         if debug:
             raise
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
         first_line = (str(err).splitlines() or [""])[0]
-        _err.print(f"error: {type(err).__name__}: {first_line} (run with --debug for the traceback)",
-                   markup=False, highlight=False, soft_wrap=True)
+        _one_line(f"error: {type(err).__name__}: {first_line} (run with --debug for the traceback)")
         sys.exit(1)
+    # Without standalone mode typer turns Ctrl-C into a returned 130 (and --help into 0); commands return None.
+    if isinstance(code, int) and code:
+        if code == 130:
+            _err.print("interrupted")
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def _load_wikitext_from_hub(name: str) -> TextSource:
     split = _WIKITEXT_HUB_SPLITS[name]
     try:
         rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)["text"]
-    except Exception as err:  # noqa: BLE001 - any hub failure means the same thing to the user
+    except Exception as err:
         raise SlimlmError(
             f"{name}: not in the shared data folder and the hub is unreachable ({type(err).__name__}); "
             "set $SLIMLM_DATA_DIR or pass a local file"
@@ -119,7 +119,7 @@ def _read_parquet(path: Path) -> list[str]:
 
     try:
         table = pq.read_table(path)
-    except Exception as err:  # noqa: BLE001 - pyarrow raises several types for a bad file
+    except Exception as err:
         raise SlimlmError(f"{path}: not a readable parquet file ({type(err).__name__})") from err
     if "text" not in table.column_names:
         raise SlimlmError(f"{path}: expected a 'text' column, found {', '.join(table.column_names)}")
@@ -132,11 +132,12 @@ def tokenize_joined(tokenizer, source: TextSource) -> torch.Tensor:
     return ids
 
 
-def eval_windows(tokens: torch.Tensor, seq_len: int, limit: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of `seq_len` tokens; the tail shorter than a window is dropped."""
+def eval_windows(tokens: torch.Tensor, seq_len: int, limit: int | None = None, where: str = "the text") -> torch.Tensor:
+    """Non-overlapping windows of `seq_len` tokens; the tail shorter than a window is dropped. `where` names the
+    text in the error."""
     count = tokens.numel() // seq_len
     if count == 0:
-        raise SlimlmError(f"the text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
+        raise SlimlmError(f"{where}: has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
     if limit is not None:
         count = min(count, limit)
     return tokens[: count * seq_len].view(count, seq_len)

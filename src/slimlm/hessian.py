@@ -48,8 +48,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     return eye, None
 
 
-def conditioning_notes(name: str, dead_inputs: int, damp_used: float | None, damp: float,
-                       fallback: str) -> list[str]:
+def conditioning_notes(name: str, dead_inputs: int, damp_used: float | None, damp: float, fallback: str) -> list[str]:
     """What the report should know about a matrix whose Hessian was not well-behaved; `fallback` says what the
     solver did without a usable factor (e.g. "pruned by magnitude")."""
     notes = []

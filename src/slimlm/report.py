@@ -18,85 +18,29 @@ from typing import Any
 
 import yaml
 
+from slimlm import report_plots
 from slimlm.evaluate.records import Record
+from slimlm.report_common import (
+    MISSING,
+    NOT_AVAILABLE,
+    ORIGINAL,
+    format_ratio,
+    format_value,
+    human_bytes,
+    index_records,
+    is_busy,
+    is_bytes,
+    kernel_of,
+    model_columns,
+    row_keys,
+    spread_text,
+)
 
-ORIGINAL = "original"
-MISSING = "—"  # the model has no such record, or its value is None with no reason given
-NOT_AVAILABLE = "n/a"  # the value is None and the record's note says why
 PLOT_NAMES = ("quality", "size", "speed", "memory", "tradeoff")
-_FOOTPRINT_TASKS = ("size", "memory", "speed")  # listed after the quality tasks, in this order
-_FRACTION_METRICS = {"acc", "acc_norm", "exact_match", "f1", "top1_agreement"}
+BUSY = "⚠busy"
 
 
-# ---------------------------------------------------------------- models, records, number formatting
-def model_columns(summary: dict) -> list[tuple[str, list[dict]]]:
-    """(label, record dicts) of the original, then of each stage in recipe order."""
-    columns = [(ORIGINAL, (summary.get("original") or {}).get("records") or [])]
-    return columns + [(stage["label"], stage.get("records") or []) for stage in summary.get("stages") or []]
-
-
-def _index(records: list[dict]) -> dict[tuple[str, str], dict]:
-    return {(record["task"], record["metric"]): record for record in records}
-
-
-def _row_keys(columns: list[tuple[str, list[dict]]]) -> list[tuple[str, str]]:
-    """Every (task, metric) of any model: quality tasks in order of appearance, then size, memory, speed."""
-    keys = list(dict.fromkeys((r["task"], r["metric"]) for _, records in columns for r in records))
-    tasks = list(dict.fromkeys(task for task, _ in keys))
-    footprint = {task: i + 1 for i, task in enumerate(_FOOTPRINT_TASKS)}
-    # sorted() is stable: metrics keep their order of appearance within a task.
-    return sorted(keys, key=lambda key: (footprint.get(key[0], 0), tasks.index(key[0])))
-
-
-def _is_bytes(metric: str, unit: str) -> bool:
-    if unit:
-        return unit.lower() in ("b", "byte", "bytes")
-    return metric.endswith("_bytes") or metric.startswith("peak_rss") or metric == "size_on_disk"
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(count) < 1024:
-            return f"{count:.0f} B" if unit == "B" else f"{count:.1f} {unit}"
-        count /= 1024
-    return f"{count:.1f} TiB"
-
-
-def format_value(value: float | None, metric: str, unit: str = "") -> str:
-    """A figure in the precision its metric deserves (metric may carry an lm-eval filter: ``f1,none``)."""
-    if value is None:
-        return MISSING
-    if not math.isfinite(value):
-        return str(value)
-    base = metric.split(",")[0]
-    if _is_bytes(base, unit):
-        return human_bytes(value)
-    if base.startswith("params"):
-        return f"{value / 1e6:,.2f} M" if abs(value) >= 1e6 else f"{value:,.0f}"
-    if base in ("perplexity", "word_perplexity"):
-        return f"{value:,.2f}"
-    if base == "kl_divergence":
-        return f"{value:#.4g}"  # '#' keeps trailing zeros: four significant digits always
-    if unit == "fraction" or base in _FRACTION_METRICS:
-        return f"{value:.4f}"
-    if base.startswith("bits_per"):
-        return f"{value:.2f}" if base == "bits_per_weight" else f"{value:.3f}"
-    if "per_s" in base or base.endswith("_ms") or unit == "ms":
-        return f"{value:,.1f}"
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:#.4g}".rstrip(".")
-
-
-def format_ratio(ratio: float) -> str:
-    text = f"{ratio:.2f}" if ratio >= 0.01 else f"{ratio:.2g}"
-    if text == "1.00" and ratio != 1:
-        text = f"{ratio:.3f}"  # a 0.3 % change should not read as "no change"
-    return f"×{text}"
-
-
-def _kernel(record: dict | None) -> str:
-    return str((record or {}).get("protocol", {}).get("kernel") or "")
-
-
+# ---------------------------------------------------------------- table cells
 def _cell(record: dict | None, reference: dict | None) -> tuple[str, float | None]:
     """The table text of one record and its ratio to `reference` (None for the original itself)."""
     if record is None:
@@ -109,16 +53,20 @@ def _cell(record: dict | None, reference: dict | None) -> tuple[str, float | Non
     if base and math.isfinite(base) and math.isfinite(value):
         ratio = value / base
         text += f" ({format_ratio(ratio)})"
+    if spread_text(record):
+        text += f" {{{spread_text(record)}}}"  # the runs' range beside their median: is a difference real?
     if record.get("note"):
         text += " *"  # e.g. "simulated (fake-quant)": the note, printed below the table, qualifies the number
-    if _kernel(record):
+    if kernel_of(record):
         # Speed depends on the kernel: a dequantized or dense run is no real low-bit speedup, so say which.
-        text += f" [{_kernel(record)}]"
+        text += f" [{kernel_of(record)}]"
+    if is_busy(record):
+        text += f" {BUSY}"  # measured on a loaded machine: not to be read as this model's speed
     return text, ratio
 
 
 def _heading(metric: str, unit: str, higher_is_better: bool | None) -> str:
-    shown_unit = "" if _is_bytes(metric, unit) else unit  # byte cells carry their own KiB/MiB/GiB
+    shown_unit = "" if is_bytes(metric, unit) else unit  # byte cells carry their own KiB/MiB/GiB
     arrow = {True: " ↑", False: " ↓"}.get(higher_is_better, "")
     return f"{metric}{f' ({shown_unit})' if shown_unit else ''}{arrow}"
 
@@ -126,16 +74,22 @@ def _heading(metric: str, unit: str, higher_is_better: bool | None) -> str:
 def comparison_rows(summary: dict) -> list[dict[str, Any]]:
     """One row per (task, metric) of any model: raw values, ratios to the original and the cell texts,
     each keyed by model label ("original", then the stage labels)."""
-    columns = [(label, _index(records)) for label, records in model_columns(summary)]
+    columns = [(label, index_records(records)) for label, records in model_columns(summary)]
     originals = columns[0][1]
     rows = []
-    for key in _row_keys(model_columns(summary)):
+    for key in row_keys(model_columns(summary)):
         found = [(label, records.get(key)) for label, records in columns]
         first = next(record for _, record in found if record is not None)
-        row = {"task": key[0], "metric": key[1], "unit": first.get("unit", ""),
-               "higher_is_better": first.get("higher_is_better"),
-               "heading": _heading(key[1], first.get("unit", ""), first.get("higher_is_better")),
-               "values": {}, "ratios": {}, "cells": {}}
+        row = {
+            "task": key[0],
+            "metric": key[1],
+            "unit": first.get("unit", ""),
+            "higher_is_better": first.get("higher_is_better"),
+            "heading": _heading(key[1], first.get("unit", ""), first.get("higher_is_better")),
+            "values": {},
+            "ratios": {},
+            "cells": {},
+        }
         for label, record in found:
             text, ratio = _cell(record, None if label == ORIGINAL else originals.get(key))
             row["values"][label] = None if record is None else record.get("value")
@@ -155,23 +109,38 @@ def _header(summary: dict) -> str:
     # A JSON round trip turns Paths and the like into plain values that yaml.safe_dump accepts.
     recipe_yaml = yaml.safe_dump(json.loads(json.dumps(recipe, default=str)), sort_keys=False, allow_unicode=True)
     cached = " (evaluation read from cache)" if original.get("cached") else ""
-    return "\n".join([
-        f"# slimlm report: {model}", "",
-        f"Created {summary.get('created', '?')} by slimlm {summary.get('slimlm_version', '?')}.", "",
-        "## Original model", "",
-        f"Source `{original.get('source', '?')}`, file `{original.get('path', '?')}`{cached}.", "",
-        original.get("description", ""), "",
-        "## Recipe", "", "```yaml", recipe_yaml.rstrip(), "```",
-    ])
+    return "\n".join(
+        [
+            f"# slimlm report: {model}",
+            "",
+            f"Created {summary.get('created', '?')} by slimlm {summary.get('slimlm_version', '?')}.",
+            "",
+            "## Original model",
+            "",
+            f"Source `{original.get('source', '?')}`, file `{original.get('path', '?')}`{cached}.",
+            "",
+            original.get("description", ""),
+            "",
+            "## Recipe",
+            "",
+            "```yaml",
+            recipe_yaml.rstrip(),
+            "```",
+        ]
+    )
 
 
 def _table(summary: dict) -> str:
     labels = [label for label, _ in model_columns(summary)]
     lines = [
-        "## Comparison", "",
+        "## Comparison",
+        "",
         f"Stage cells: value (×ratio to the original). `[kernel]`: the kernel a speed figure was measured with "
-        f"(\"dense\" or \"dequantized\" is no real low-bit speedup). {MISSING}: not measured; "
-        f"{NOT_AVAILABLE}: could not be measured; *: see the notes below. ↓/↑: lower/higher is better.", "",
+        f'("dense" or "dequantized" is no real low-bit speedup). {MISSING}: not measured; '
+        f"{NOT_AVAILABLE}: could not be measured; *: see the notes below. ↓/↑: lower/higher is better. "
+        f"`{{min–max}}`: the range of the timed runs a median comes from. {BUSY}: measured while other work loaded "
+        "the machine (load average above its cores): not a clean figure.",
+        "",
         "| task | metric | " + " | ".join(labels) + " |",
         "|---|---|" + "---:|" * len(labels),
     ]
@@ -200,9 +169,17 @@ def _protocols(summary: dict) -> str:
         for record in records:
             by_task.setdefault(record["task"], []).append((label, record))
     for task, entries in by_task.items():
-        lines += ["", f"### {task}", ""] + _grouped(
-            [(f"`{Record.from_dict(r).protocol_line() or 'no protocol recorded'}`", label, r["metric"])
-             for label, r in entries])
+        lines += [
+            "",
+            f"### {task}",
+            "",
+            *_grouped(
+                [
+                    (f"`{Record.from_dict(r).protocol_line() or 'no protocol recorded'}`", label, r["metric"])
+                    for label, r in entries
+                ]
+            ),
+        ]
         notes = _grouped([(f"note: {r['note']}", label, r["metric"]) for label, r in entries if r.get("note")])
         lines += notes
     return "\n".join(lines)
@@ -213,10 +190,14 @@ def _stage_details(summary: dict) -> str:
     for stage in summary.get("stages") or []:
         options = ", ".join(f"{key}={value}" for key, value in (stage.get("options") or {}).items())
         seconds = stage.get("seconds")
-        lines += ["", f"### {stage['label']} ({stage.get('name', '?')})", "",
-                  f"- options: `{options or 'defaults'}`",
-                  f"- time: {f'{seconds:,.1f} s' if isinstance(seconds, (int, float)) else MISSING}",
-                  f"- folder: `{stage.get('folder', '?')}`"]
+        lines += [
+            "",
+            f"### {stage['label']} ({stage.get('name', '?')})",
+            "",
+            f"- options: `{options or 'defaults'}`",
+            f"- time: {f'{seconds:,.1f} s' if isinstance(seconds, (int, float)) else MISSING}",
+            f"- folder: `{stage.get('folder', '?')}`",
+        ]
         lines += [f"- note: {note}" for note in stage.get("notes") or []]
     return "\n".join(lines) if len(lines) > 1 else ""
 
@@ -234,8 +215,14 @@ def _machine(summary: dict) -> str:
 def render_markdown(summary: dict, plots: dict[str, Path] | None = None) -> str:
     """The whole report.md; `plots` (name -> path relative to the report) adds image links."""
     images = "\n\n".join(["## Plots"] + [f"![{name}]({path.as_posix()})" for name, path in (plots or {}).items()])
-    sections = [_header(summary), _table(summary), images if plots else "", _protocols(summary),
-                _stage_details(summary), _machine(summary)]
+    sections = [
+        _header(summary),
+        _table(summary),
+        images if plots else "",
+        _protocols(summary),
+        _stage_details(summary),
+        _machine(summary),
+    ]
     return "\n\n".join(section for section in sections if section) + "\n"
 
 
@@ -257,10 +244,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 def write_report(summary: dict, out_dir: Path) -> dict[str, Path]:
     """Write report.md, report.json and plots/*.png into `out_dir`; returns the paths written, keyed
     "markdown", "json" and the plot names ("quality", "size", "speed", "memory", "tradeoff")."""
-    from slimlm.report_plots import render_plots  # imported here: the plots module builds on this one
-
     out_dir = Path(out_dir)
-    images = render_plots(summary)  # rendered before anything is written: a failure here changes nothing
+    images = report_plots.render_plots(summary)  # rendered before anything is written: a failure here changes nothing
     plots = {name: Path("plots") / f"{name}.png" for name in images}  # relative: the links in report.md
     markdown = render_markdown(summary, plots)
     table = comparison_rows(summary)

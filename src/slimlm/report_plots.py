@@ -5,15 +5,16 @@ from __future__ import annotations
 import io
 import math
 
-from slimlm.report import (
+from slimlm.report_common import (
     NOT_AVAILABLE,
     ORIGINAL,
-    _index,
-    _is_bytes,
-    _kernel,
-    _row_keys,
     format_value,
+    index_records,
+    is_busy,
+    is_bytes,
+    kernel_of,
     model_columns,
+    row_keys,
 )
 
 _ORIGINAL_COLOUR, _STAGE_COLOUR = "#8c8c8c", "#1f77b4"
@@ -21,13 +22,13 @@ _ORIGINAL_COLOUR, _STAGE_COLOUR = "#8c8c8c", "#1f77b4"
 
 def _perplexity_task(summary: dict) -> str | None:
     """The task whose perplexity is plotted: wikitext2 when present, else the first with a perplexity."""
-    tasks = [task for task, metric in _row_keys(model_columns(summary)) if metric == "perplexity"]
+    tasks = [task for task, metric in row_keys(model_columns(summary)) if metric == "perplexity"]
     return "wikitext2" if "wikitext2" in tasks else (tasks[0] if tasks else None)
 
 
 def _entries(summary: dict, task: str | None, metric: str) -> list[tuple[str, dict | None]] | None:
     """(label, record) per model, or None when no model has a usable value (the panel is then skipped)."""
-    entries = [(label, _index(records).get((task, metric))) for label, records in model_columns(summary)]
+    entries = [(label, index_records(records).get((task, metric))) for label, records in model_columns(summary)]
     return entries if any(_finite(record) for _, record in entries) else None
 
 
@@ -38,11 +39,28 @@ def _finite(record: dict | None) -> bool:
 
 def _axis_scale(metric: str, unit: str, largest: float) -> tuple[float, str]:
     """Divisor and unit name for an axis: bytes in MiB or GiB, parameter counts in millions."""
-    if _is_bytes(metric, unit):
+    if is_bytes(metric, unit):
         return (2**30, "GiB") if largest >= 10 * 2**30 else (2**20, "MiB")
     if metric.startswith("params"):
         return 1e6, "millions"
     return 1.0, unit
+
+
+def _draw_bar(ax, i: int, record: dict, scale: float, colour: str) -> float:
+    """One model's bar, its runs' range as an error bar, its label; a busy-machine figure is hatched, faded and
+    labelled so, not drawn as a plain result. Returns the bar's top (with the range)."""
+    height, busy, spread = record["value"] / scale, is_busy(record), record.get("spread")
+    ax.bar(i, height, width=0.6, color=colour, alpha=0.45 if busy else 1.0, hatch="//" if busy else None)
+    top = height
+    if spread:
+        low, high = spread[0] / scale, spread[1] / scale
+        ax.errorbar(i, height, yerr=[[height - low], [high - height]], fmt="none", ecolor="black", capsize=3, lw=1)
+        top = max(top, high)
+    metric, unit = record["metric"], record.get("unit", "")
+    text = format_value(record["value"], metric, unit) + (f"\n[{kernel_of(record)}]" if kernel_of(record) else "")
+    text += "\nbusy machine" if busy else ""
+    ax.annotate(text, (i, top), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    return top
 
 
 def _draw_bars(ax, task: str, metric: str, entries: list[tuple[str, dict | None]]) -> None:
@@ -55,17 +73,16 @@ def _draw_bars(ax, task: str, metric: str, entries: list[tuple[str, dict | None]
         if not _finite(record):
             missing.append((i, NOT_AVAILABLE if record is not None else "not measured"))
             continue
-        height = record["value"] / scale
-        top = max(top, height)
-        ax.bar(i, height, width=0.6, color=colour)
-        text = format_value(record["value"], metric, unit) + (f"\n[{_kernel(record)}]" if _kernel(record) else "")
-        ax.annotate(text, (i, height), xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                    fontsize=8)
+        top = max(top, _draw_bar(ax, i, record, scale, colour))
     ax.set_ylim(0, (top or 1) * 1.25)  # head room for the value labels
     for i, text in missing:  # say so where the bar would be, rather than leave a gap that reads as zero
         ax.text(i, top * 0.03, text, ha="center", va="bottom", fontsize=8, color="dimgray", style="italic")
-    ax.set_xticks(range(len(entries)), [label for label, _ in entries],
-                  rotation=25 if len(entries) > 3 else 0, ha="right" if len(entries) > 3 else "center")
+    ax.set_xticks(
+        range(len(entries)),
+        [label for label, _ in entries],
+        rotation=25 if len(entries) > 3 else 0,
+        ha="right" if len(entries) > 3 else "center",
+    )
     direction = {True: " (higher is better)", False: " (lower is better)"}.get(better, "")
     ax.set_title(f"{task}: {metric}{direction}", fontsize=10)
     ax.set_ylabel(f"{metric} ({axis_unit})" if axis_unit else metric)
@@ -101,8 +118,11 @@ def _tradeoff_figure(summary: dict, task: str | None) -> bytes | None:
     from matplotlib.figure import Figure
 
     sizes, quality = _entries(summary, "size", "size_on_disk"), _entries(summary, task, "perplexity")
-    points = [(label, s["value"] / 2**20, q["value"]) for (label, s), (_, q) in zip(sizes or [], quality or [])
-              if _finite(s) and _finite(q)]
+    points = [
+        (label, s["value"] / 2**20, q["value"])
+        for (label, s), (_, q) in zip(sizes or [], quality or [])
+        if _finite(s) and _finite(q)
+    ]
     if not points:
         return None
     figure = Figure(figsize=(6.4, 4.6), layout="constrained")
@@ -112,11 +132,26 @@ def _tradeoff_figure(summary: dict, task: str | None) -> bytes | None:
     texts = []
     for label, size, perplexity in points:
         original = label == ORIGINAL
-        ax.scatter(size, perplexity, s=70, marker="s" if original else "o", zorder=3,
-                   color=_ORIGINAL_COLOUR if original else _STAGE_COLOUR)
+        ax.scatter(
+            size,
+            perplexity,
+            s=70,
+            marker="s" if original else "o",
+            zorder=3,
+            color=_ORIGINAL_COLOUR if original else _STAGE_COLOUR,
+        )
         right = size > middle  # labels point inwards: no text past the right edge
-        texts.append(ax.annotate(label, (size, perplexity), xytext=(-7 if right else 7, 4), fontsize=8,
-                                 textcoords="offset points", ha="right" if right else "left", va="bottom"))
+        texts.append(
+            ax.annotate(
+                label,
+                (size, perplexity),
+                xytext=(-7 if right else 7, 4),
+                fontsize=8,
+                textcoords="offset points",
+                ha="right" if right else "left",
+                va="bottom",
+            )
+        )
     ax.scatter([], [], marker="s", color=_ORIGINAL_COLOUR, label="original (reference)")
     ax.scatter([], [], marker="o", color=_STAGE_COLOUR, label="stages")
     ax.margins(x=0.25, y=0.25)  # room for the labels inside the axes

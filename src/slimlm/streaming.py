@@ -49,7 +49,7 @@ def _weight_map(folder: Path) -> dict[str, str]:
     if not single.exists():
         raise SlimlmError(f"{folder}: streaming needs safetensors weights (model.safetensors or {_INDEX})")
     with safe_open(single, framework="pt") as handle:
-        return {name: single.name for name in handle.keys()}
+        return {name: single.name for name in handle.keys()}  # noqa: SIM118 - safe_open is no mapping
 
 
 class LayerStream:
@@ -98,8 +98,11 @@ class LayerStream:
     def release(self, index: int) -> None:
         """Write layer `index` as it is now to its shard, then drop its weights back to meta."""
         shard = f"model-layer-{index:05d}.safetensors"
-        state = {name: tensor.detach().contiguous()
-                 for name, tensor in self.model.state_dict().items() if _layer_of(name) == index}
+        state = {
+            name: tensor.detach().contiguous()
+            for name, tensor in self.model.state_dict().items()
+            if _layer_of(name) == index
+        }
         save_file(state, self.staging / shard, metadata={"format": "pt"})
         self.written.update({name: shard for name in state})
         for name in state:
@@ -109,10 +112,15 @@ class LayerStream:
         """Write the non-layer tensors, index and config (and tokenizer), then move the folder into place."""
         missing = [name for name in self.source_map if _layer_of(name) is not None and name not in self.written]
         if missing:
-            raise SlimlmError(f"streamed output is incomplete: {len(missing)} layer tensors were never released "
-                              f"(first: {missing[0]}); run a calibration walk over every layer before finish()")
-        state = {name: tensor.detach().contiguous() for name, tensor in self.model.state_dict().items()
-                 if _layer_of(name) is None and name in self.source_map}
+            raise SlimlmError(
+                f"streamed output is incomplete: {len(missing)} layer tensors were never released "
+                f"(first: {missing[0]}); run a calibration walk over every layer before finish()"
+            )
+        state = {
+            name: tensor.detach().contiguous()
+            for name, tensor in self.model.state_dict().items()
+            if _layer_of(name) is None and name in self.source_map
+        }
         save_file(state, self.staging / "model-rest.safetensors", metadata={"format": "pt"})
         weight_map = {**self.written, **{name: "model-rest.safetensors" for name in state}}
         total = sum((self.staging / f).stat().st_size for f in set(weight_map.values()))
@@ -149,5 +157,7 @@ def layer_stream(model: nn.Module) -> LayerStream | None:
 def require_materialized(model: nn.Module, what: str) -> None:
     """Refuse a streamed model in a method that needs every layer's weights at once."""
     if layer_stream(model) is not None:
-        raise SlimlmError(f"{what} needs the whole model in memory; with a layer-streamed model use a "
-                          "calibration-walk method (wanda, sparsegpt, gptq, ...)")
+        raise SlimlmError(
+            f"{what} needs the whole model in memory; with a layer-streamed model use a "
+            "calibration-walk method (wanda, sparsegpt, gptq, ...)"
+        )

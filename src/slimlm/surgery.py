@@ -6,21 +6,33 @@ every layer:
 
 - `remove_decoder_layers`: delete decoder layers, renumber every ``layer_idx`` (the KV cache slot of a layer), and
   shrink ``num_hidden_layers`` and per-layer config lists (``layer_types``).
-- `keep_mlp_channels`: keep some intermediate channels of an MLP (gate/up rows, down columns).
-- `keep_attention_heads`: keep some query heads (q rows, o columns) and KV heads (k/v rows) of an attention module.
+- `keep_mlp_channels`: keep some intermediate channels of a layer's MLP (gate/up rows, down columns).
+- `keep_attention_heads`: keep some query heads (q rows, o columns) and KV heads (k/v rows) of a layer's attention.
 
-Width changes are per module; `set_widths` writes the matching config once every layer has the same widths.
+Which Linears hold a channel or a head is modules.py's knowledge. Width changes are per layer; `set_widths` writes
+the matching config (modules.width_config_changes) once every layer has the same widths.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
 
-from slimlm.modules import decoder_layers
+from slimlm.modules import (
+    ATTENTION,
+    KV_HEAD_ROWS,
+    MLP,
+    MLP_CHANNEL_COLUMNS,
+    MLP_CHANNEL_ROWS,
+    QUERY_HEAD_COLUMNS,
+    QUERY_HEAD_ROWS,
+    decoder_layers,
+    kv_head_count,
+    set_head_counts,
+)
 
 # Config fields holding one entry per decoder layer (Qwen2/Mistral-style sliding-window layouts in transformers 5.x).
 PER_LAYER_CONFIG_FIELDS = ("layer_types",)
@@ -31,8 +43,11 @@ def _as_index(indices: Sequence[int] | torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def slice_linear(linear: nn.Linear, rows: Sequence[int] | torch.Tensor | None = None,
-                 cols: Sequence[int] | torch.Tensor | None = None) -> nn.Linear:
+def slice_linear(
+    linear: nn.Linear,
+    rows: Sequence[int] | torch.Tensor | None = None,
+    cols: Sequence[int] | torch.Tensor | None = None,
+) -> nn.Linear:
     """A new, smaller nn.Linear holding only the chosen output rows and/or input columns (same dtype and device).
 
     Rows select outputs (and bias entries); columns select inputs, whose bias is unaffected.
@@ -45,8 +60,9 @@ def slice_linear(linear: nn.Linear, rows: Sequence[int] | torch.Tensor | None = 
         bias = bias.index_select(0, index) if bias is not None else None
     if cols is not None:
         weight = weight.index_select(1, _as_index(cols, weight.device))
-    smaller = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
-                        dtype=weight.dtype)
+    smaller = nn.Linear(
+        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    )
     smaller.weight.copy_(weight)
     if bias is not None:
         smaller.bias.copy_(bias)
@@ -95,56 +111,37 @@ def remove_decoder_layers(model: nn.Module, remove: Iterable[int]) -> list[int]:
 # ---------------------------------------------------------------- width
 
 
-def keep_mlp_channels(mlp: nn.Module, channels: Sequence[int] | torch.Tensor) -> None:
-    """Keep only these intermediate channels of a gated MLP: rows of gate_proj/up_proj, columns of down_proj."""
-    mlp.gate_proj = slice_linear(mlp.gate_proj, rows=channels)
-    mlp.up_proj = slice_linear(mlp.up_proj, rows=channels)
-    mlp.down_proj = slice_linear(mlp.down_proj, cols=channels)
+def _keep_units(
+    layer: nn.Module, units: Sequence[int] | torch.Tensor, rows: tuple[str, ...], cols: tuple[str, ...] = ()
+) -> None:
+    """Replace the named Linears of the layer: `rows` keep only these output rows, `cols` these input columns."""
+    for name in rows:
+        layer.set_submodule(name, slice_linear(layer.get_submodule(name), rows=units))
+    for name in cols:
+        layer.set_submodule(name, slice_linear(layer.get_submodule(name), cols=units))
+
+
+def keep_mlp_channels(layer: nn.Module, channels: Sequence[int] | torch.Tensor) -> None:
+    """Keep only these intermediate channels of a decoder layer's gated MLP: rows of gate/up, columns of down."""
+    _keep_units(layer, channels, MLP_CHANNEL_ROWS, MLP_CHANNEL_COLUMNS)
+    mlp = layer.get_submodule(MLP)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = len(channels)
 
 
-def keep_attention_heads(attention: nn.Module, query_heads: Sequence[int], kv_heads: Sequence[int]) -> None:
-    """Keep these query heads (q rows, o columns) and KV heads (k/v rows), given in order.
+def keep_attention_heads(layer: nn.Module, query_heads: Sequence[int], kv_heads: Sequence[int]) -> None:
+    """Keep these query heads (q rows, o columns) and KV heads (k/v rows) of a decoder layer, given in order.
 
     Query head h attends with KV head h // (heads per group), so the kept query heads must be whole, equal-sized
     groups laid out in the order of the kept KV heads; the per-module head counts follow.
     """
-    head_dim = attention.head_dim
-    old_kv = attention.k_proj.out_features // head_dim
+    attention = layer.get_submodule(ATTENTION)
     if len(query_heads) % len(kv_heads):
         raise ValueError(f"{len(query_heads)} query heads cannot share {len(kv_heads)} KV heads equally")
-    query_rows = head_dims(query_heads, head_dim)
-    attention.q_proj = slice_linear(attention.q_proj, rows=query_rows)
-    attention.o_proj = slice_linear(attention.o_proj, cols=query_rows)
-    if len(kv_heads) < old_kv:
-        kv_rows = head_dims(kv_heads, head_dim)
-        attention.k_proj = slice_linear(attention.k_proj, rows=kv_rows)
-        attention.v_proj = slice_linear(attention.v_proj, rows=kv_rows)
-    # LlamaAttention reads num_key_value_groups (repeat_kv in eager/sdpa); other classes also keep head counts.
-    counts = {"num_key_value_groups": len(query_heads) // len(kv_heads), "num_heads": len(query_heads),
-              "num_attention_heads": len(query_heads), "num_key_value_heads": len(kv_heads)}
-    for name, value in counts.items():
-        if hasattr(attention, name):
-            setattr(attention, name, value)
-
-
-def width_config_changes(config, intermediate_size: int | None = None, heads: int | None = None,
-                         kv_heads: int | None = None) -> dict[str, int]:
-    """Config fields for new widths. head_dim is always written: transformers derives it from hidden_size / heads
-    when it is absent, which is wrong once heads are removed (SmolLM2 must keep head_dim 64 with 6 heads)."""
-    changes = {"head_dim": attention_head_dim(config)}
-    if intermediate_size is not None:
-        changes["intermediate_size"] = intermediate_size
-    if heads is not None:
-        changes["num_attention_heads"] = heads
-    if kv_heads is not None:
-        changes["num_key_value_heads"] = kv_heads
-    return changes
-
-
-def attention_head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if len(kv_heads) < kv_head_count(layer):
+        _keep_units(layer, head_dims(kv_heads, attention.head_dim), KV_HEAD_ROWS)
+    _keep_units(layer, head_dims(query_heads, attention.head_dim), QUERY_HEAD_ROWS, QUERY_HEAD_COLUMNS)
+    set_head_counts(attention, len(query_heads), len(kv_heads))
 
 
 def config_rejection(config, changes: dict[str, int]) -> str | None:
@@ -153,8 +150,7 @@ def config_rejection(config, changes: dict[str, int]) -> str | None:
     Its strict configs validate on save_pretrained, e.g. LlamaConfig wants hidden_size divisible by the head count
     even with an explicit head_dim."""
     trial = copy.deepcopy(config)
-    for name, value in changes.items():
-        setattr(trial, name, value)
+    set_widths(trial, changes)
     validate = getattr(trial, "validate", None)
     if validate is None:
         return None

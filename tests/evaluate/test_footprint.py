@@ -60,8 +60,11 @@ def test_zeroing_half_a_linear_shows_in_nonzero_counts_and_layer_sparsity(model)
     rows = layer_sparsity(model)
     assert len(rows) == 2 * 7
     by_name = {row["name"]: row for row in rows}
-    assert by_name["model.layers.1.mlp.up_proj"] == {"name": "model.layers.1.mlp.up_proj", "shape": (128, 64),
-                                                     "sparsity": 0.5}
+    assert by_name["model.layers.1.mlp.up_proj"] == {
+        "name": "model.layers.1.mlp.up_proj",
+        "shape": (128, 64),
+        "sparsity": 0.5,
+    }
     assert all(row["sparsity"] == 0.0 for name, row in by_name.items() if name != "model.layers.1.mlp.up_proj")
     assert by_name["model.layers.0.self_attn.k_proj"]["shape"] == (32, 64)
 

@@ -27,8 +27,9 @@ def test_perplexity_matches_the_transformers_loss(tiny_model, tiny_tokenizer):
 
 
 def test_kl_against_itself_is_zero_and_against_another_model_positive(tiny_model, tiny_tokenizer):
-    same = _by_metric(perplexity_records(tiny_model, tiny_tokenizer, TEXT, "t", seq_len=32, limit=2,
-                                         reference=tiny_model))
+    same = _by_metric(
+        perplexity_records(tiny_model, tiny_tokenizer, TEXT, "t", seq_len=32, limit=2, reference=tiny_model)
+    )
     assert same["kl_divergence"].value == pytest.approx(0.0, abs=1e-6)
     assert same["top1_agreement"].value == 1.0
     other = build_tiny_llama(len(tiny_tokenizer), seed=1)

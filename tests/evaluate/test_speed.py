@@ -78,8 +78,9 @@ def test_measure_speed_records_and_protocol(model, tiny_tokenizer, monkeypatch):
     energy = records["decode_joules_per_token"]
     assert energy.value is None and energy.note == "no energy counter"
 
-    with_text = _by_metric(measure_speed(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, 16, 2, runs=1,
-                                         warmup=0, kernel="sparse"))
+    with_text = _by_metric(
+        measure_speed(build_tiny_llama(len(tiny_tokenizer)), tiny_tokenizer, 16, 2, runs=1, warmup=0, kernel="sparse")
+    )
     assert with_text["prefill_ms"].protocol["prompt"] == "fixed English paragraph"
     assert with_text["prefill_ms"].protocol["kernel"] == "sparse"
 
@@ -104,3 +105,25 @@ def test_energy_counter_wraparound():
     values = iter([90.0, 5.0])
     counter = EnergyCounter("rapl", [lambda: next(values)], [100.0], scope="test")
     assert counter.joules_since(counter.sample()) == pytest.approx(15.0)
+
+
+@pytest.mark.parametrize(("load", "busy"), [(0.5, False), (7.5, True)])
+def test_a_busy_machine_flags_every_speed_figure(model, monkeypatch, load, busy):
+    monkeypatch.setattr(speed, "energy_counter", lambda device: None)
+    monkeypatch.setattr(speed, "_load_average", lambda: load)
+    monkeypatch.setattr(speed, "usable_cores", lambda: 4)
+    records = _by_metric(measure_speed(model, None, prompt_tokens=8, new_tokens=2, runs=3, warmup=0))
+    for metric in ("prefill_ms", "prefill_tokens_per_s", "decode_tokens_per_s"):
+        record = records[metric]
+        assert record.protocol["busy"] is busy and record.protocol["usable_cores"] == 4
+        assert record.protocol["load_avg_1min_before"] == record.protocol["load_avg_1min_after"] == load
+        assert ("busy machine: 1-min load average 7.5 before" in record.note) is busy
+        assert record.spread[0] <= record.value <= record.spread[1]  # the runs' range beside their median
+
+
+def test_speed_shows_progress_per_run(model, monkeypatch, capsys):
+    monkeypatch.setattr(speed, "energy_counter", lambda device: None)
+    monkeypatch.delenv("SLIMLM_NO_PROGRESS", raising=False)
+    measure_speed(model, None, prompt_tokens=4, new_tokens=2, runs=2, warmup=1)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and lines[-1].startswith("speed (warm-up, then timed runs): 3/3")

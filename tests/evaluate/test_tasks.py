@@ -100,7 +100,9 @@ def test_prompts_match_lm_eval_formats():
     """Our loaders feed lm-eval's own templates: check the first rendered prompt of each task."""
     from lm_eval.tasks import TaskManager
 
-    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(shared_data_dir())})
+    manager = TaskManager(
+        include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(shared_data_dir())}
+    )
     tasks = manager.load([f"slimlm_{name}" for name in BUILTIN_TASKS])["tasks"]
 
     def first_prompt(name):
@@ -123,7 +125,10 @@ def test_prompts_match_lm_eval_formats():
         "Question: Brunswick, Lancastrian and Pearl Pickler are types of which vegetable?\nAnswer:"
     )
     hellaswag_prompt, hellaswag_choices = first_prompt("hellaswag")
-    assert hellaswag_prompt == "Pole vault: Pole vault is a sport where you run with a pole and stop and swing your body. A few women"
+    assert (
+        hellaswag_prompt
+        == "Pole vault: Pole vault is a sport where you run with a pole and stop and swing your body. A few women"
+    )
     assert len(hellaswag_choices) == 4
 
 

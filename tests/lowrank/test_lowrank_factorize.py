@@ -44,8 +44,7 @@ def test_truncated_svd_error_is_the_tail_of_the_singular_values(rank):
     assert torch.linalg.matrix_rank(b @ a) == rank
 
 
-@pytest.mark.parametrize(("energy", "rank"), [(0.5, 1), (0.53, 1), (0.54, 2), (0.8, 2), (0.84, 3), (0.97, 4),
-                                              (1.0, 4)])
+@pytest.mark.parametrize(("energy", "rank"), [(0.5, 1), (0.53, 1), (0.54, 2), (0.8, 2), (0.84, 3), (0.97, 4), (1.0, 4)])
 def test_energy_keeps_the_fewest_singular_values_holding_that_fraction(energy, rank):
     weight = _with_singular_values([4.0, 3.0, 2.0, 1.0], 10, 8)  # squares 16, 9, 4, 1: cumulative 16/30, 25/30, 29/30
     assert rank_from_options(singular_values(weight), 8, energy=energy) == rank
@@ -126,5 +125,6 @@ def test_compensated_linear_applies_the_float16_factors_beside_the_base():
     torch.testing.assert_close(wrapped(x), expected)
     dense = effective_weight(base) + wrapped.b.float() @ wrapped.a.float()
     torch.testing.assert_close(effective_weight(wrapped), dense)
-    torch.testing.assert_close(nn.functional.linear(x, effective_weight(wrapped), base.bias), wrapped(x),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        nn.functional.linear(x, effective_weight(wrapped), base.bias), wrapped(x), rtol=1e-4, atol=1e-4
+    )

@@ -6,15 +6,14 @@ import pytest
 import torch
 from torch import nn
 
+import conftest
+from conftest import build_tiny_llama, random_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import parameter_counts
 from slimlm.lowrank.layers import CompensatedLinear, LowRankLinear
 from slimlm.modules import decoder_layers, named_decoder_linears
 from slimlm.recipe import parse_recipe
-from slimlm.registry import StageContext, get_stage
 from slimlm.surgery import keep_mlp_channels
-
-from conftest import build_tiny_llama, random_windows
 
 VOCAB = 300
 
@@ -26,11 +25,7 @@ def original():
 
 def run_stage(model, original, name, **options):
     """One stage with seeded random calibration windows and `original` as the uncompressed model."""
-    recipe = parse_recipe({"model": "m", "stages": [{name: options}]})
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None,
-                           load_original=lambda: original, _windows=random_windows(model, 8, 32))
-    get_stage(name).apply(model, recipe.stages[0].options, context)
-    return context
+    return conftest.run_stage(model, name, original=original, **options)
 
 
 def _log_probs(model, windows):
@@ -97,13 +92,14 @@ def test_eora_leaves_uncompressed_targets_alone(original):
 
 def test_eora_refuses_a_width_pruned_model(original):
     model = copy.deepcopy(original)
-    keep_mlp_channels(decoder_layers(model)[1].mlp, list(range(96)))
+    keep_mlp_channels(decoder_layers(model)[1], list(range(96)))
     with pytest.raises(SlimlmError) as error:
         run_stage(model, original, "lowrank", method="eora", rank=4, targets=["up_proj"])
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("lowrank (eora): model.layers.1.mlp.up_proj has a [96, 64] weight but the original "
-                              "has a [128, 64] weight")
+    assert message.startswith(
+        "lowrank (eora): model.layers.1.mlp.up_proj has a [96, 64] weight but the original has a [128, 64] weight"
+    )
 
 
 @pytest.mark.parametrize("method", ["svd", "eora"])
@@ -112,8 +108,10 @@ def test_a_rank_above_the_full_rank_names_the_module_and_changes_nothing(origina
     run_stage(model, original, "quantize", method="rtn", bits=4, group_size=16, pack=False)
     with pytest.raises(SlimlmError) as error:
         run_stage(model, original, "lowrank", method=method, rank=33, targets=["q_proj", "k_proj"])
-    assert str(error.value) == ("lowrank.rank: 33 exceeds the full rank 32 of model.layers.0.self_attn.k_proj (32 "
-                                "outputs × 64 inputs); use at most 32, or a rank_ratio")
+    assert str(error.value) == (
+        "lowrank.rank: 33 exceeds the full rank 32 of model.layers.0.self_attn.k_proj (32 "
+        "outputs × 64 inputs); use at most 32, or a rank_ratio"
+    )
     assert len(named_decoder_linears(model)) == 14  # nothing replaced or wrapped
 
 
@@ -121,8 +119,11 @@ def test_factors_overflowing_float16_are_an_error(original):
     """An error too large for float16 factors (here: an original 10⁶ times larger) must not become Inf silently."""
     model = copy.deepcopy(original)
     decoder_layers(original)[0].mlp.up_proj.weight.data *= 1e6
-    with pytest.raises(SlimlmError, match=r"^lowrank \(eora\): the factors of model\.layers\.0\.mlp\.up_proj are "
-                                          r"not finite \(NaN/Inf\)"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"^lowrank \(eora\): the factors of model\.layers\.0\.mlp\.up_proj are "
+        r"not finite \(NaN/Inf\)",
+    ):
         run_stage(model, original, "lowrank", method="eora", rank=4, targets=["up_proj"])
 
 
@@ -137,17 +138,23 @@ def test_non_finite_weights_are_an_error(original):
     ("options", "message"),
     [
         ({}, "stages[0].lowrank: set exactly one of rank, rank_ratio, energy (got none)"),
-        ({"rank": 4, "energy": 0.9}, "stages[0].lowrank: set exactly one of rank, rank_ratio, energy (got rank, "
-                                     "energy)"),
-        ({"method": "eora", "energy": 0.9}, "stages[0].lowrank.energy: svd only"),
+        (
+            {"rank": 4, "energy": 0.9},
+            "stages[0].lowrank: set exactly one of rank, rank_ratio, energy (got rank, energy)",
+        ),
+        ({"method": "eora", "energy": 0.9}, "stages[0].lowrank.energy: unknown option"),
+        ({"method": "eora"}, "stages[0].lowrank: set exactly one of rank, rank_ratio (got none)"),
         ({"rank": 0}, "stages[0].lowrank.rank: "),
         ({"rank_ratio": 1.5}, "stages[0].lowrank.rank_ratio: "),
         ({"energy": 0}, "stages[0].lowrank.energy: "),
         ({"method": "tucker", "rank": 4}, "stages[0].lowrank.method: "),
-        ({"rank": 4, "targets": ["q_proj", "qkv_proj"]}, "stages[0].lowrank.targets: unknown projection 'qkv_proj'; "
-                                                         "known: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
-                                                         "down_proj"),
-        ({"rank": 4, "targets": []}, "stages[0].lowrank.targets: name at least one projection"),
+        (
+            {"rank": 4, "targets": ["q_proj", "qkv_proj"]},
+            "stages[0].lowrank.targets[1]: Input should be 'q_proj', "
+            "'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj' or "
+            "'down_proj'",
+        ),
+        ({"rank": 4, "targets": []}, "stages[0].lowrank.targets: List should have at least 1 item"),
         ({"rank": 4, "rnak": 3}, "stages[0].lowrank.rnak: unknown option"),
     ],
 )

@@ -6,7 +6,11 @@ import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.prune.depth import (
-    angular_distance, boundary_distances, calibration_perplexity, layers_skipped, rank_perplexity,
+    angular_distance,
+    boundary_distances,
+    calibration_perplexity,
+    layers_skipped,
+    rank_perplexity,
 )
 from slimlm.recipe import parse_recipe
 from slimlm.surgery import count_parameters, remove_decoder_layers
@@ -27,8 +31,9 @@ def boundaries_by_hooks(model, windows):
     """x_0 … x_L from hooks on the decoder layers in full forwards, one window at a time: [boundary][window]."""
     layers = model.model.layers
     seen = [[] for _ in range(len(layers) + 1)]
-    handles = [layer.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0]))
-               for i, layer in enumerate(layers)]
+    handles = [
+        layer.register_forward_pre_hook(lambda _m, args, i=i: seen[i].append(args[0])) for i, layer in enumerate(layers)
+    ]
     handles.append(layers[-1].register_forward_hook(lambda _m, _a, out: seen[-1].append(out)))
     with torch.no_grad():
         for window in windows:
@@ -53,8 +58,9 @@ def test_boundary_distances_match_hidden_states_of_full_forwards(tiny_tokenizer)
     for gap in (1, 2):
         expected = []
         for start in range(len(seen) - gap):
-            cosines = torch.cat([torch.cosine_similarity(a, b, dim=-1).flatten()
-                                 for a, b in zip(seen[start], seen[start + gap])])
+            cosines = torch.cat(
+                [torch.cosine_similarity(a, b, dim=-1).flatten() for a, b in zip(seen[start], seen[start + gap])]
+            )
             expected.append(angular_distance(cosines).mean().item())
         got = boundary_distances(model, windows, gap, angular_distance)
         assert got == pytest.approx(expected, abs=1e-5)
@@ -117,16 +123,22 @@ def test_keep_ratio_one_removes_nothing(tiny_tokenizer):
     assert any("nothing removed" in note for note in context.notes)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"remove": 2, "keep_ratio": 0.5}, "stages[0].prune_depth: give exactly one of remove"),
-    ({}, "stages[0].prune_depth: give exactly one of remove"),
-    ({"remove": 0}, "stages[0].prune_depth.remove: must be at least 1 layer"),
-    ({"keep_ratio": 0}, "stages[0].prune_depth.keep_ratio: must be in (0, 1]"),
-    ({"keep_ratio": 1.5}, "stages[0].prune_depth.keep_ratio: must be in (0, 1]"),
-    ({"remove": 1, "criterion": "angular", "block": False}, "stages[0].prune_depth.block: angular scores contiguous"),
-    ({"remove": 1, "criterion": "cosine"}, "stages[0].prune_depth.criterion: Input should be 'block_influence'"),
-    ({"remove": 1, "layers": 3}, "stages[0].prune_depth.layers: unknown option"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"remove": 2, "keep_ratio": 0.5}, "stages[0].prune_depth: give exactly one of remove"),
+        ({}, "stages[0].prune_depth: give exactly one of remove"),
+        ({"remove": 0}, "stages[0].prune_depth.remove: Input should be greater than 0"),
+        ({"keep_ratio": 0}, "stages[0].prune_depth.keep_ratio: Input should be greater than 0"),
+        ({"keep_ratio": 1.5}, "stages[0].prune_depth.keep_ratio: Input should be less than or equal to 1"),
+        (
+            {"remove": 1, "criterion": "angular", "block": False},
+            "stages[0].prune_depth.block: angular scores contiguous",
+        ),
+        ({"remove": 1, "criterion": "cosine"}, "stages[0].prune_depth.criterion: Input should be 'block_influence'"),
+        ({"remove": 1, "layers": 3}, "stages[0].prune_depth.layers: unknown option"),
+    ],
+)
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(SlimlmError) as err:
         parse_recipe({"model": "m", "stages": [{"prune_depth": options}]})
@@ -134,11 +146,14 @@ def test_bad_options_are_one_line_errors(options, message):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"remove": 3}, "prune_depth.remove: 3 would leave no layer of the model's 3; must be below 3"),
-    ({"remove": 5}, "prune_depth.remove: 5 would leave no layer"),
-    ({"keep_ratio": 0.1}, "prune_depth.keep_ratio: 0.1 keeps no layer of the model's 3"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"remove": 3}, "prune_depth.remove: 3 would leave no layer of the model's 3; must be below 3"),
+        ({"remove": 5}, "prune_depth.remove: 5 would leave no layer"),
+        ({"keep_ratio": 0.1}, "prune_depth.keep_ratio: 0.1 keeps no layer of the model's 3"),
+    ],
+)
 def test_removing_every_layer_is_refused_once_the_model_is_known(tiny_tokenizer, options, message):
     model = lively_llama(len(tiny_tokenizer), layers=3)
     with pytest.raises(SlimlmError, match=message.replace("(", r"\(")):

@@ -1,16 +1,12 @@
 import pytest
 import torch
 
+from conftest import run_stage
 from slimlm.modules import named_decoder_linears
-from slimlm.recipe import parse_recipe
-from slimlm.registry import StageContext, get_stage
 
 
 def _run_prune(model, **options):
-    recipe = parse_recipe({"model": "m", "stages": [{"prune": options}]})
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None)
-    get_stage("prune").apply(model, recipe.stages[0].options, context)
-    return context
+    return run_stage(model, "prune", **options)
 
 
 def test_magnitude_prunes_each_matrix_to_the_target_and_keeps_the_largest(tiny_model):

@@ -1,15 +1,12 @@
 import copy
 
 import pytest
-import torch
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, random_windows, run_prune_stage
 from slimlm.errors import SlimlmError
 from slimlm.modules import decoder_layers, layer_linears
 from slimlm.prune.owl import MAX_LAYER_SPARSITY, measure_outlier_ratios, owl_sparsities
 from slimlm.recipe import parse_recipe
-
-from conftest import random_windows, run_prune_stage
 
 PLANTED_LAYER = 1
 
@@ -78,11 +75,14 @@ def test_every_matrix_gets_its_layers_owl_sparsity(model_with_outliers, method):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"pattern": "2:4", "allocation": "owl"},
-         "stages[0].prune.allocation: owl allocates unstructured sparsity only"),
+        (
+            {"pattern": "2:4", "allocation": "owl"},
+            "stages[0].prune.allocation: owl allocates unstructured sparsity only",
+        ),
         ({"allocation": "owl", "owl_threshold": 0}, "stages[0].prune.owl_threshold: "),
         ({"allocation": "owl", "owl_lambda": 0.7}, "stages[0].prune.owl_lambda: "),
         ({"allocation": "outliers"}, "stages[0].prune.allocation: "),
+        ({"owl_lambda": 0.1}, "stages[0].prune.owl_lambda: only with allocation: owl"),
     ],
 )
 def test_owl_options_are_validated_in_one_line(options, message):

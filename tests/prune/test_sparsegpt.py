@@ -1,14 +1,13 @@
 import pytest
 import torch
 
+from conftest import random_windows, run_prune_stage
 from slimlm.calibrate import capture_first_layer_inputs, observe_layer
 from slimlm.errors import SlimlmError
 from slimlm.modules import decoder_layers, layer_linears, named_decoder_linears
 from slimlm.prune.masks import nm_mask, unstructured_mask
 from slimlm.prune.sparsegpt import SparseGPT, inverse_hessian_factor
 from slimlm.recipe import parse_recipe
-
-from conftest import random_windows, run_prune_stage
 
 
 def _hessian(inputs: torch.Tensor) -> torch.Tensor:
@@ -67,8 +66,9 @@ def test_damping_escalates_until_the_cholesky_factorization_succeeds():
     upper, damp_used = inverse_hessian_factor(hessian, 0.01)
     assert damp_used == pytest.approx(0.1)
     assert torch.isfinite(upper).all()
-    assert torch.allclose(upper.T @ upper, torch.linalg.inv(hessian + 0.1 * hessian.diagonal().mean() * torch.eye(32)),
-                          atol=1e-4)
+    assert torch.allclose(
+        upper.T @ upper, torch.linalg.inv(hessian + 0.1 * hessian.diagonal().mean() * torch.eye(32)), atol=1e-4
+    )
 
 
 def test_a_dead_input_in_the_model_is_noted_and_causes_no_nan(tiny_model):
@@ -99,12 +99,15 @@ def test_obs_update_reconstructs_the_layer_better_than_magnitude_and_wanda(tiny_
         masks = {"magnitude": nm_mask(weight.abs(), 2, 4), "wanda": nm_mask(wanda_scores, 2, 4)}
         sparsegpt = SparseGPT(weight, hessian).prune(0.5, nm=(2, 4), blocksize=32)
     else:
-        masks = {"magnitude": unstructured_mask(weight.abs(), 0.5),
-                 "wanda": unstructured_mask(wanda_scores, 0.5, per_row=True)}
+        masks = {
+            "magnitude": unstructured_mask(weight.abs(), 0.5),
+            "wanda": unstructured_mask(wanda_scores, 0.5, per_row=True),
+        }
         sparsegpt = SparseGPT(weight, hessian).prune(0.5, blocksize=32)
     assert (sparsegpt == 0).sum() == (masks["magnitude"] == 0).sum() == (masks["wanda"] == 0).sum()
-    errors = {method: _reconstruction_error(weight, weight * mask, hessian, stats.count)
-              for method, mask in masks.items()}
+    errors = {
+        method: _reconstruction_error(weight, weight * mask, hessian, stats.count) for method, mask in masks.items()
+    }
     ours = _reconstruction_error(weight, sparsegpt, hessian, stats.count)
     assert ours < 0.9 * min(errors.values()), (ours, errors)
 
@@ -112,10 +115,14 @@ def test_obs_update_reconstructs_the_layer_better_than_magnitude_and_wanda(tiny_
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"method": "sparsegpt", "pattern": "2:4", "blocksize": 6},
-         "stages[0].prune.blocksize: must be a multiple of M=4 for sparsegpt with pattern 2:4"),
+        (
+            {"method": "sparsegpt", "pattern": "2:4", "blocksize": 6},
+            "stages[0].prune.blocksize: must be a multiple of M=4 for sparsegpt with pattern 2:4",
+        ),
         ({"method": "sparsegpt", "damp": 0}, "stages[0].prune.damp: "),
         ({"method": "sparsegpt", "blocksize": 0}, "stages[0].prune.blocksize: "),
+        ({"method": "wanda", "blocksize": 64}, "stages[0].prune.blocksize: unknown option"),
+        ({"damp": 0.1}, "stages[0].prune.damp: unknown option"),
     ],
 )
 def test_sparsegpt_options_are_validated_in_one_line(options, message):

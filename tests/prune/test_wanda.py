@@ -3,13 +3,12 @@ import copy
 import pytest
 import torch
 
+from conftest import random_windows, run_prune_stage
 from slimlm.calibrate import InputStats
 from slimlm.modules import decoder_layers, layer_linears, named_decoder_linears
 from slimlm.prune.masks import unstructured_mask
 from slimlm.prune.unstructured import PruneOptions, apply_mask
 from slimlm.prune.wanda import wanda_scores
-
-from conftest import random_windows, run_prune_stage
 
 
 def _linear_inputs(model, layer_index, windows):

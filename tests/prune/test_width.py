@@ -27,8 +27,10 @@ def linear_input_norms(model, windows, layer_index):
     """‖X_j‖ over all calibration tokens for the inputs of o_proj and down_proj of one layer, by full forwards."""
     layer = model.model.layers[layer_index]
     seen = {"o": [], "down": []}
-    hooks = [layer.self_attn.o_proj.register_forward_hook(lambda _m, a, _o: seen["o"].append(a[0].flatten(0, 1))),
-             layer.mlp.down_proj.register_forward_hook(lambda _m, a, _o: seen["down"].append(a[0].flatten(0, 1)))]
+    hooks = [
+        layer.self_attn.o_proj.register_forward_hook(lambda _m, a, _o: seen["o"].append(a[0].flatten(0, 1))),
+        layer.mlp.down_proj.register_forward_hook(lambda _m, a, _o: seen["down"].append(a[0].flatten(0, 1))),
+    ]
     with torch.no_grad():
         for window in windows:
             model(window.unsqueeze(0), use_cache=False)
@@ -107,16 +109,19 @@ def test_whole_kv_groups_go_with_their_query_heads(tiny_tokenizer, tmp_path):
     assert_generates_like_before_saving(model, tmp_path / "groups")
 
 
-@pytest.mark.parametrize("options, message", [
-    ({}, "stages[0].prune_width: give mlp_keep and/or heads_keep"),
-    ({"mlp_keep": 0}, "stages[0].prune_width.mlp_keep: must keep at least 1"),
-    ({"mlp_keep": 0.0}, "stages[0].prune_width.mlp_keep: must be a fraction in (0, 1]"),
-    ({"heads_keep": 1.5}, "stages[0].prune_width.heads_keep: must be a fraction in (0, 1]"),
-    ({"heads_keep": -2}, "stages[0].prune_width.heads_keep: must keep at least 1"),
-    ({"heads_keep": "six"}, "stages[0].prune_width.heads_keep: must be a count (int ≥ 1) or a fraction in (0, 1]"),
-    ({"mlp_keep": True}, "stages[0].prune_width.mlp_keep: must be a count"),
-    ({"heads_keep": 2, "gqa": "mixed"}, "stages[0].prune_width.gqa: Input should be 'within_groups'"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({}, "stages[0].prune_width: give mlp_keep and/or heads_keep"),
+        ({"mlp_keep": 0}, "stages[0].prune_width.mlp_keep: must keep at least 1"),
+        ({"mlp_keep": 0.0}, "stages[0].prune_width.mlp_keep: must be a fraction in (0, 1]"),
+        ({"heads_keep": 1.5}, "stages[0].prune_width.heads_keep: must be a fraction in (0, 1]"),
+        ({"heads_keep": -2}, "stages[0].prune_width.heads_keep: must keep at least 1"),
+        ({"heads_keep": "six"}, "stages[0].prune_width.heads_keep: must be a count (int ≥ 1) or a fraction in (0, 1]"),
+        ({"mlp_keep": True}, "stages[0].prune_width.mlp_keep: must be a count"),
+        ({"heads_keep": 2, "gqa": "mixed"}, "stages[0].prune_width.gqa: Input should be 'within_groups'"),
+    ],
+)
 def test_bad_options_are_one_line_errors(options, message):
     with pytest.raises(SlimlmError) as err:
         parse_recipe({"model": "m", "stages": [{"prune_width": options}]})
@@ -124,17 +129,25 @@ def test_bad_options_are_one_line_errors(options, message):
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"heads_keep": 3}, "prune_width.heads_keep: 3 of 4 query heads breaks GQA: each of the 2 KV groups must keep "
-                        "the same number of its 2 query heads; valid counts: 2, 4"),
-    ({"heads_keep": 1, "gqa": "whole_groups"},
-     "prune_width.heads_keep: 1 of 4 query heads breaks GQA: gqa whole_groups removes whole KV groups of 2 query "
-     "heads; valid counts: 2, 4"),
-    ({"heads_keep": 0.1}, "prune_width.heads_keep: 0.1 keeps no attention head of 4"),
-    ({"heads_keep": 5}, "prune_width.heads_keep: 5 is more than the 4 attention heads"),
-    ({"mlp_keep": 0.001}, "prune_width.mlp_keep: 0.001 keeps no MLP channel of 128"),
-    ({"mlp_keep": 129}, "prune_width.mlp_keep: 129 is more than the 128 MLP channels"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            {"heads_keep": 3},
+            "prune_width.heads_keep: 3 of 4 query heads breaks GQA: each of the 2 KV groups must keep "
+            "the same number of its 2 query heads; valid counts: 2, 4",
+        ),
+        (
+            {"heads_keep": 1, "gqa": "whole_groups"},
+            "prune_width.heads_keep: 1 of 4 query heads breaks GQA: gqa whole_groups removes whole KV groups of 2 "
+            "query heads; valid counts: 2, 4",
+        ),
+        ({"heads_keep": 0.1}, "prune_width.heads_keep: 0.1 keeps no attention head of 4"),
+        ({"heads_keep": 5}, "prune_width.heads_keep: 5 is more than the 4 attention heads"),
+        ({"mlp_keep": 0.001}, "prune_width.mlp_keep: 0.001 keeps no MLP channel of 128"),
+        ({"mlp_keep": 129}, "prune_width.mlp_keep: 129 is more than the 128 MLP channels"),
+    ],
+)
 def test_widths_the_model_cannot_take_are_refused_before_any_cut(tiny_tokenizer, options, message):
     model = lively_llama(len(tiny_tokenizer))
     with pytest.raises(SlimlmError) as err:
@@ -145,9 +158,18 @@ def test_widths_the_model_cannot_take_are_refused_before_any_cut(tiny_tokenizer,
 
 def test_head_counts_transformers_would_not_reload_are_refused(tiny_tokenizer):
     # One KV head: GQA allows any count, but LlamaConfig refuses a hidden size not divisible by the head count.
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=1, vocab_size=len(tiny_tokenizer))
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        vocab_size=len(tiny_tokenizer),
+    )
     model = lively(LlamaForCausalLM(config).eval())
-    with pytest.raises(SlimlmError, match=r"3 of 4 query heads is refused by transformers' LlamaConfig \(The hidden "
-                                          r"size \(64\) is not a multiple .*\); valid counts: 1, 2, 4$"):
+    with pytest.raises(
+        SlimlmError,
+        match=r"3 of 4 query heads is refused by transformers' LlamaConfig \(The hidden "
+        r"size \(64\) is not a multiple .*\); valid counts: 1, 2, 4$",
+    ):
         run_stage(model, "prune_width", heads_keep=3)

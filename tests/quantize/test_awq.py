@@ -1,14 +1,13 @@
 import copy
 
-import pytest
 import torch
+from test_quantize_stage import run_quantize_stage
 
 from conftest import random_windows
 from slimlm.calibrate import capture_first_layer_inputs, run_layer
 from slimlm.quantize.awq import search_scales
-from slimlm.surgery import fold_channel_scales
 from slimlm.quantize.grid import QuantGrid, fake_quantize
-from test_quantize_stage import run_quantize_stage
+from slimlm.surgery import fold_channel_scales
 
 
 def _with_outlier_channels(model, channels=(3, 17, 40), factor=30.0):
@@ -26,8 +25,9 @@ def test_folding_scales_leaves_the_layer_function_unchanged(tiny_model):
     layer = tiny_model.model.layers[0]
     before = run_layer(layer, inputs)
     scales = torch.rand(64) + 0.5
-    fold_channel_scales(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-                scales)
+    fold_channel_scales(
+        layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], scales
+    )
     mlp_scales = torch.rand(128) + 0.5
     fold_channel_scales(layer.mlp.up_proj, [layer.mlp.down_proj], mlp_scales)
     after = run_layer(layer, inputs)

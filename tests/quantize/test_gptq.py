@@ -36,8 +36,9 @@ def test_gptq_reconstructs_the_outputs_better_than_round_to_nearest(bits, act_or
     assert ours < (0.7 if act_order else 0.85) * baseline, (ours, baseline)
 
 
-@pytest.mark.parametrize("grid", [QuantGrid(4, True, 16), QuantGrid(3, False, 32), QuantGrid(4, False, None),
-                                  QuantGrid(8, True, 16)])
+@pytest.mark.parametrize(
+    "grid", [QuantGrid(4, True, 16), QuantGrid(3, False, 32), QuantGrid(4, False, None), QuantGrid(8, True, 16)]
+)
 @pytest.mark.parametrize("act_order", [False, True])
 def test_the_result_lies_exactly_on_the_stored_grid(grid, act_order):
     inputs, weight = _correlated_problem(seed=1)

@@ -5,7 +5,13 @@ import pytest
 import torch
 
 from slimlm.quantize.grid import (
-    QuantGrid, decode, encode, fake_quantize, fake_quantize_ste, grid_params, quantize_codes,
+    QuantGrid,
+    decode,
+    encode,
+    fake_quantize,
+    fake_quantize_ste,
+    grid_params,
+    quantize_codes,
 )
 
 
@@ -79,7 +85,7 @@ def test_scales_are_stored_in_float16_and_values_read_back_with_them():
 def test_group_size_must_divide_the_input_dimension():
     with pytest.raises(ValueError, match="group size 48 does not divide the input dimension 64"):
         quantize_codes(torch.randn(4, 64), QuantGrid(group_size=48))
-    with pytest.raises(ValueError, match="bits must be in 2..8"):
+    with pytest.raises(ValueError, match=r"bits must be in 2\.\.8"):
         QuantGrid(bits=9)
     for bad in (0, -1):
         with pytest.raises(ValueError, match="group size must be a positive number"):
@@ -87,6 +93,7 @@ def test_group_size_must_divide_the_input_dimension():
 
 
 # --- ggml's legacy types, transcribed from ggml-quants.c (quantize_row_q4_0_ref, quantize_row_q8_0_ref) -------------
+
 
 def _ggml_q4_0(block: np.ndarray) -> tuple[np.float16, list[int]]:
     amax, vmax = np.float32(0), np.float32(0)
@@ -113,8 +120,12 @@ def _ggml_blocks() -> torch.Tensor:
     heavy = torch.distributions.StudentT(2.0).sample((32, 32 * 8))
     below_half = float(np.nextafter(np.float32(0.5), np.float32(0)))  # ⌊x + ½⌋ in float32 gives 1, roundf 0
     below_six_and_half = float(np.nextafter(np.float32(6.5), np.float32(0)))  # x + 8.5 rounds up to 15 in float32
-    ties = torch.tensor([[-8.0, 8.0, 2.5, -2.5, 0.5, -0.5, 7.5, below_six_and_half] * 4,  # Q4_0 with d = 1
-                         [127.0, -127.0, 2.5, -2.5, below_half, -below_half, 126.5, -126.5] * 4])  # Q8_0, d = 1
+    ties = torch.tensor(
+        [
+            [-8.0, 8.0, 2.5, -2.5, 0.5, -0.5, 7.5, below_six_and_half] * 4,  # Q4_0 with d = 1
+            [127.0, -127.0, 2.5, -2.5, below_half, -below_half, 126.5, -126.5] * 4,
+        ]
+    )  # Q8_0, d = 1
     return normal, heavy.float(), ties.repeat(1, 8)
 
 

@@ -13,18 +13,21 @@ needs_int4 = pytest.mark.skipif(not kernels.available("int4pack"), reason="torch
 needs_int8 = pytest.mark.skipif(not kernels.available("int8pack"), reason="torch lacks the int8pack CPU kernel")
 
 
-@pytest.mark.parametrize(("bits", "sym", "width", "shape", "expected"), [
-    (4, True, 32, (64, 128), "int4pack"),
-    (4, False, 64, (64, 128), "int4pack"),
-    (4, True, 128, (48, 128), "int4pack"),  # one scale per channel of 128 columns
-    (4, True, 96, (64, 192), "int4pack"),  # 96-column groups tiled by kernel groups of 32
-    (4, True, 16, (64, 128), "dequantized"),  # narrower than the kernel's smallest group
-    (4, True, 32, (24, 128), "dequantized"),  # out_features not a multiple of 16
-    (8, True, 128, (24, 128), "int8pack"),
-    (8, True, 32, (64, 128), "dequantized"),  # int8pack has one scale per row
-    (8, False, 128, (64, 128), "dequantized"),  # and no zero point
-    (3, True, 32, (64, 128), "dequantized"),
-])
+@pytest.mark.parametrize(
+    ("bits", "sym", "width", "shape", "expected"),
+    [
+        (4, True, 32, (64, 128), "int4pack"),
+        (4, False, 64, (64, 128), "int4pack"),
+        (4, True, 128, (48, 128), "int4pack"),  # one scale per channel of 128 columns
+        (4, True, 96, (64, 192), "int4pack"),  # 96-column groups tiled by kernel groups of 32
+        (4, True, 16, (64, 128), "dequantized"),  # narrower than the kernel's smallest group
+        (4, True, 32, (24, 128), "dequantized"),  # out_features not a multiple of 16
+        (8, True, 128, (24, 128), "int8pack"),
+        (8, True, 32, (64, 128), "dequantized"),  # int8pack has one scale per row
+        (8, False, 128, (64, 128), "dequantized"),  # and no zero point
+        (3, True, 32, (64, 128), "dequantized"),
+    ],
+)
 def test_each_format_gets_the_kernel_that_computes_it(bits, sym, width, shape, expected):
     if expected != "dequantized" and not kernels.available(expected):
         pytest.skip(f"torch lacks {expected}")
@@ -71,10 +74,14 @@ def test_int8pack_applies_the_grid_values():
     assert torch.equal(applied, _bf16(expected))
 
 
-@pytest.mark.parametrize(("bits", "group_size"), [
-    pytest.param(4, 32, marks=needs_int4), pytest.param(4, None, marks=needs_int4),
-    pytest.param(8, None, marks=needs_int8),
-])
+@pytest.mark.parametrize(
+    ("bits", "group_size"),
+    [
+        pytest.param(4, 32, marks=needs_int4),
+        pytest.param(4, None, marks=needs_int4),
+        pytest.param(8, None, marks=needs_int8),
+    ],
+)
 def test_a_kernel_forward_matches_the_dequantized_matmul_to_bfloat16_precision(bits, group_size):
     grid = QuantGrid(bits, True, group_size)
     linear = torch.nn.Linear(128, 64, bias=True)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import random_windows, run_stage
 from slimlm.errors import SlimlmError
 from slimlm.modules import decoder_layers, named_decoder_linears
 from slimlm.quantize import gptq as gptq_module
@@ -8,17 +9,10 @@ from slimlm.quantize.grid import QuantGrid, quantize_codes
 from slimlm.quantize.stage import QUANTIZED_ATTRIBUTE
 from slimlm.recipe import parse_recipe
 
-from conftest import random_windows
-
 
 def run_quantize_stage(model, windows, **options):
     """The quantize stage with these calibration windows (the recipe's data is not loaded); returns the context."""
-    from slimlm.registry import StageContext, get_stage
-
-    recipe = parse_recipe({"model": "m", "stages": [{"quantize": options}]})
-    context = StageContext(tokenizer=None, calibration=recipe.calibration, output_dir=None, _windows=windows)
-    get_stage("quantize").apply(model, recipe.stages[0].options, context)
-    return context
+    return run_stage(model, "quantize", windows, **options)
 
 
 def _logits(model, windows):
@@ -26,11 +20,14 @@ def _logits(model, windows):
         return model(windows, use_cache=False).logits
 
 
-@pytest.mark.parametrize("options", [
-    {"method": "rtn", "bits": 4, "group_size": 32},
-    {"method": "gptq", "bits": 4, "group_size": 32, "blocksize": 16},
-    {"method": "gptq", "bits": 3, "group_size": None, "sym": False, "act_order": True},
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"method": "rtn", "bits": 4, "group_size": 32},
+        {"method": "gptq", "bits": 4, "group_size": 32, "blocksize": 16},
+        {"method": "gptq", "bits": 3, "group_size": None, "sym": False, "act_order": True},
+    ],
+)
 def test_the_stage_puts_every_decoder_linear_on_its_grid(tiny_model, options):
     windows = random_windows(tiny_model)
     before = _logits(tiny_model, windows)
@@ -58,8 +55,9 @@ def test_rtn_stage_is_round_to_nearest_of_each_weight(tiny_model):
 @pytest.mark.parametrize("method", ["rtn", "gptq"])
 def test_only_the_targets_are_quantized(tiny_model, method):
     originals = {name: linear.weight.detach().clone() for name, linear in named_decoder_linears(tiny_model)}
-    run_quantize_stage(tiny_model, random_windows(tiny_model), method=method, targets=["v_proj", "down_proj"],
-                       pack=False)
+    run_quantize_stage(
+        tiny_model, random_windows(tiny_model), method=method, targets=["v_proj", "down_proj"], pack=False
+    )
     assert len(named_decoder_linears(tiny_model)) == 14
     for name, linear in named_decoder_linears(tiny_model):
         targeted = name.endswith(("v_proj", "down_proj"))
@@ -76,16 +74,18 @@ def test_gptq_is_true_sequential_within_a_layer(tiny_model, monkeypatch):
         return original(layer, inputs, names, **kwargs)
 
     monkeypatch.setattr(gptq_module, "observe_layer", recording)
-    run_quantize_stage(tiny_model, random_windows(tiny_model), method="gptq", targets=["q_proj", "v_proj", "o_proj",
-                                                                                        "down_proj"])
+    run_quantize_stage(
+        tiny_model, random_windows(tiny_model), method="gptq", targets=["q_proj", "v_proj", "o_proj", "down_proj"]
+    )
     per_layer = [["self_attn.q_proj", "self_attn.v_proj"], ["self_attn.o_proj"], ["mlp.down_proj"]]
     assert observed == per_layer * len(decoder_layers(tiny_model))
 
 
 def test_a_dead_input_in_the_model_is_noted_and_causes_no_nan(tiny_model):
     decoder_layers(tiny_model)[0].input_layernorm.weight.data[3] = 0  # q/k/v of layer 0 never see channel 3
-    context = run_quantize_stage(tiny_model, random_windows(tiny_model), method="gptq", bits=3, act_order=True,
-                                 pack=False)
+    context = run_quantize_stage(
+        tiny_model, random_windows(tiny_model), method="gptq", bits=3, act_order=True, pack=False
+    )
     for _, linear in named_decoder_linears(tiny_model):
         assert torch.isfinite(linear.weight).all()
     assert (decoder_layers(tiny_model)[0].self_attn.q_proj.weight[:, 3] == 0).all()
@@ -97,8 +97,9 @@ def test_a_group_size_that_does_not_divide_a_target_fails_in_one_line(tiny_model
         run_quantize_stage(tiny_model, random_windows(tiny_model), method="rtn", group_size=48)
     message = str(error.value)
     assert "\n" not in message
-    assert message.startswith("quantize.group_size: 48 does not divide the 64 input features of "
-                              "model.layers.0.self_attn.q_proj")
+    assert message.startswith(
+        "quantize.group_size: 48 does not divide the 64 input features of model.layers.0.self_attn.q_proj"
+    )
     assert not any(hasattr(linear, QUANTIZED_ATTRIBUTE) for _, linear in named_decoder_linears(tiny_model))
 
 
@@ -117,18 +118,29 @@ def test_bfloat16_rounding_off_the_grid_is_noted(tiny_model):
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"bits": 9}, "stages[0].quantize.bits: must be in 2..8"),
-        ({"bits": 1}, "stages[0].quantize.bits: must be in 2..8"),
-        ({"targets": ["q_proj", "qkv_proj"]}, "stages[0].quantize.targets: unknown projection 'qkv_proj'; known: "
-                                              "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj"),
-        ({"targets": []}, "stages[0].quantize.targets: name at least one projection"),
-        ({"damp": 0}, "stages[0].quantize.damp: "),
-        ({"damp": 1}, "stages[0].quantize.damp: "),
-        ({"group_size": 0}, "stages[0].quantize.group_size: must be a positive number of input columns"),
-        ({"group_size": -1}, "stages[0].quantize.group_size: must be a positive number of input columns"),
+        ({"bits": 9}, "stages[0].quantize.bits: Input should be less than or equal to 8"),
+        ({"bits": 1}, "stages[0].quantize.bits: Input should be greater than or equal to 2"),
+        (
+            {"targets": ["q_proj", "qkv_proj"]},
+            "stages[0].quantize.targets[1]: Input should be 'q_proj', 'k_proj', "
+            "'v_proj', 'o_proj', 'gate_proj', 'up_proj' or 'down_proj'",
+        ),
+        ({"targets": []}, "stages[0].quantize.targets: List should have at least 1 item"),
+        ({"method": "gptq", "damp": 0}, "stages[0].quantize.damp: Input should be greater than 0"),
+        ({"method": "gptq", "damp": 1}, "stages[0].quantize.damp: Input should be less than 1"),
+        ({"group_size": 0}, "stages[0].quantize.group_size: Input should be greater than 0"),
+        ({"group_size": -1}, "stages[0].quantize.group_size: Input should be greater than 0"),
         ({"method": "hqq"}, "stages[0].quantize.method: unknown method 'hqq'; known: awq, gptq, rtn, smoothquant"),
-        ({"blocksize": 0}, "stages[0].quantize.blocksize: "),
+        ({"method": "gptq", "blocksize": 0}, "stages[0].quantize.blocksize: Input should be greater than or equal"),
         ({"bitz": 4}, "stages[0].quantize.bitz: unknown option"),
+        # each method takes its own options only
+        ({"act_order": True}, "stages[0].quantize.act_order: unknown option"),
+        ({"method": "awq", "damp": 0.1}, "stages[0].quantize.damp: unknown option"),
+        ({"method": "gptq", "search_tokens": 64}, "stages[0].quantize.search_tokens: unknown option"),
+        ({"method": "smoothquant", "pack": False}, "stages[0].quantize.pack: unknown option"),
+        ({"method": "smoothquant", "bits": 4}, "stages[0].quantize.bits: Input should be 8"),
+        ({"method": "smoothquant", "alpha": 1.5}, "stages[0].quantize.alpha: Input should be less than or equal to 1"),
+        ({"alpha": 0.5}, "stages[0].quantize.alpha: unknown option"),
     ],
 )
 def test_options_are_validated_in_one_line(options, message):

@@ -4,8 +4,17 @@ import torch
 from slimlm.quantize.grid import QuantGrid, grid_params, quantize_codes
 
 
-@pytest.mark.parametrize("grid", [QuantGrid(2, True, 16), QuantGrid(3, False, 32), QuantGrid(4, True, 32),
-                                  QuantGrid(4, False, None), QuantGrid(8, True, 64), QuantGrid(8, False, 16)])
+@pytest.mark.parametrize(
+    "grid",
+    [
+        QuantGrid(2, True, 16),
+        QuantGrid(3, False, 32),
+        QuantGrid(4, True, 32),
+        QuantGrid(4, False, None),
+        QuantGrid(8, True, 64),
+        QuantGrid(8, False, 16),
+    ],
+)
 def test_round_to_nearest_is_within_half_a_step(grid):
     weight = torch.randn(32, 128, generator=torch.Generator().manual_seed(grid.bits)) * 0.02
     quantized = quantize_codes(weight, grid)

@@ -1,13 +1,21 @@
+import itertools
+
 import pytest
 import torch
 
+from conftest import build_tiny_llama
 from slimlm.modules import decoder_layers, named_decoder_linears
+from slimlm.quantize.codebook import CodebookLinear, pack_codebooks
 from slimlm.quantize.grid import QuantGrid, fake_quantize
 from slimlm.quantize.kmeans import (
-    CODEBOOK_ATTRIBUTE, SharedCodebook, SortedValues, cluster_weight, codebook_bytes, lloyd, store_codebook,
+    CODEBOOK_ATTRIBUTE,
+    SharedCodebook,
+    SortedValues,
+    cluster_weight,
+    lloyd,
+    store_codebook,
 )
-
-from conftest import build_tiny_llama
+from slimlm.storage import weight_modules
 
 
 def _gaussian(rows, cols, seed=0):
@@ -34,8 +42,9 @@ def test_at_most_two_to_the_bits_values_per_codebook(bits, rows):
     assert codes.codebook.shape == (16 // (rows or 16), 2**bits) and codes.codebook.dtype == torch.float16
     assert codes.indices.dtype == torch.uint8 and codes.indices.shape == weight.shape
     assert all(group.unique().numel() <= 2**bits for group in per_codebook)
-    assert all(set(group.unique().tolist()) <= set(book.float().tolist())
-               for group, book in zip(per_codebook, codes.codebook))
+    assert all(
+        set(group.unique().tolist()) <= set(book.float().tolist()) for group, book in zip(per_codebook, codes.codebook)
+    )
 
 
 def test_lloyd_error_never_rises_and_matches_a_direct_count():
@@ -44,7 +53,7 @@ def test_lloyd_error_never_rises_and_matches_a_direct_count():
     start = torch.linspace(-4, -3, 16).unsqueeze(0)  # a bad start: every centroid in the left tail
     centroids, history = lloyd(data, start, iterations=200)
     assert len(history) > 10 and history[-1] < history[0] / 10
-    assert all(later <= earlier * (1 + 1e-9) for earlier, later in zip(history, history[1:]))
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(history))
     nearest = (values.T - centroids).abs().argmin(dim=1)
     direct = float((values.squeeze(0) - centroids[0, nearest]).pow(2).mean())
     assert data.error(centroids) == pytest.approx(direct, rel=1e-5)
@@ -72,16 +81,18 @@ def test_activation_weighting_lowers_the_weighted_error():
     assert weighted_error(weighted) < 0.6 * weighted_error(plain)
 
 
-def test_codebook_bytes_by_hand():
+def test_codebook_linears_store_what_the_codes_take_by_hand():
     model = build_tiny_llama(300, layers=2, tie=True)
     for _, linear in named_decoder_linears(model):
         store_codebook([linear], cluster_weight(linear.weight, 4))
+    before = {name: linear.weight.detach().clone() for name, linear in named_decoder_linears(model)}
+    assert pack_codebooks(model) == 14 and not named_decoder_linears(model)
     # per layer: q 64×64, k/v 32×64, o 64×64, gate/up 128×64, down 64×128; 7 codebooks of 16 float16 values
     per_layer = 7 * 16 * 2 + (4096 + 2048 + 2048 + 4096 + 8192 + 8192 + 8192) * 4 // 8
-    other = (300 * 64 + 2 * 2 * 64 + 64) * 2  # embeddings (the LM head is tied to them) and RMSNorms, bf16
-    assert codebook_bytes(model) == 2 * per_layer + other
-    decoder_layers(model)[0].mlp.up_proj.weight.data[0, 0] += 1.0  # left its codebook: counted dense again
-    assert codebook_bytes(model) == 2 * per_layer + other - (16 * 2 + 8192 // 2) + 8192 * 2
+    modules = dict(weight_modules(model))
+    assert sum(module.own_bytes() for module in modules.values()) == 2 * per_layer
+    assert all(isinstance(module, CodebookLinear) for module in modules.values())
+    assert all(torch.equal(modules[name].dequantize_weight(), weight) for name, weight in before.items())
 
 
 def test_packed_bytes_round_up_per_tensor():

@@ -3,16 +3,16 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
+from conftest import build_tiny_llama, random_windows
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import _unique_parameters, parameter_counts
 from slimlm.modules import decoder_layers
-from slimlm.quantize.kmeans import CODEBOOK_ATTRIBUTE, cluster_weight, codebook_bytes, store_codebook
-from slimlm.quantize.tie import (
-    TIED_PARAMETERS_KEY, adjacent_similarities, retie_parameters, select_pairs, similarity, tie_group, tie_groups,
-    untied_state_dict,
-)
-
-from conftest import build_tiny_llama, random_windows
+from slimlm.quantize.codebook import pack_codebooks
+from slimlm.quantize.kmeans import CODEBOOK_ATTRIBUTE, cluster_weight, store_codebook
+from slimlm.quantize.tie import adjacent_similarities, select_pairs, similarity, tie_group, tie_groups
+from slimlm.storage import TIED_KEY as TIED_PARAMETERS_KEY
+from slimlm.storage import retie as retie_parameters
+from slimlm.storage import untied_state_dict, weight_modules
 
 
 def _near_copy(model, projection, source, target, noise, seed=0):
@@ -20,8 +20,9 @@ def _near_copy(model, projection, source, target, noise, seed=0):
     layers = decoder_layers(model)
     weight = layers[source].get_submodule(projection).weight.detach()
     perturbation = torch.randn(weight.shape, generator=torch.Generator().manual_seed(seed))
-    layers[target].get_submodule(projection).weight.data = weight + noise * weight.norm() / perturbation.norm() \
-        * perturbation
+    layers[target].get_submodule(projection).weight.data = (
+        weight + noise * weight.norm() / perturbation.norm() * perturbation
+    )
 
 
 @pytest.fixture()
@@ -34,8 +35,7 @@ def model():
 
 
 def _tie(model, **rule):
-    selected = select_pairs(adjacent_similarities(model, ["mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"]),
-                            **rule)
+    selected = select_pairs(adjacent_similarities(model, ["mlp.up_proj", "mlp.down_proj", "self_attn.q_proj"]), **rule)
     return selected, [m for p, layers in tie_groups(selected) for m in tie_group(model, p, layers, "first")]
 
 
@@ -64,7 +64,8 @@ def test_tied_parameters_are_counted_once_and_compute_the_same(model):
     x = torch.randn(5, 64)
     assert torch.equal(layers[1].mlp.up_proj(x), layers[2].mlp.up_proj(x))
     assert getattr(model.config, TIED_PARAMETERS_KEY) == {
-        "model.layers.2.mlp.up_proj.weight": "model.layers.1.mlp.up_proj.weight"}
+        "model.layers.2.mlp.up_proj.weight": "model.layers.1.mlp.up_proj.weight"
+    }
 
 
 def test_chained_pairs_share_the_first_layers_tensor_and_mean_merges_them():
@@ -80,7 +81,8 @@ def test_chained_pairs_share_the_first_layers_tensor_and_mean_merges_them():
     assert torch.allclose(shared, torch.stack(originals[:3]).mean(dim=0))
     assert decoder_layers(model)[3].self_attn.q_proj.weight is not shared
     assert getattr(model.config, TIED_PARAMETERS_KEY) == {
-        f"model.layers.{i}.self_attn.q_proj.weight": "model.layers.0.self_attn.q_proj.weight" for i in (1, 2)}
+        f"model.layers.{i}.self_attn.q_proj.weight": "model.layers.0.self_attn.q_proj.weight" for i in (1, 2)
+    }
     assert [m.name for m in members] == [f"model.layers.{i}.self_attn.q_proj.weight" for i in (0, 1, 2)]
     assert all(0 < m.change < 2e-3 for m in members)
 
@@ -92,16 +94,19 @@ def test_a_later_tie_joins_an_earlier_group_without_breaking_it():
     weights = [layer.mlp.up_proj.weight for layer in decoder_layers(model)]
     assert weights[1] is weights[0] and weights[2] is weights[0]
     assert getattr(model.config, TIED_PARAMETERS_KEY) == {
-        f"model.layers.{i}.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight" for i in (1, 2)}
+        f"model.layers.{i}.mlp.up_proj.weight": "model.layers.0.mlp.up_proj.weight" for i in (1, 2)
+    }
 
 
 def test_first_merge_hands_the_sources_codes_to_the_targets(model):
     source = decoder_layers(model)[1].mlp.up_proj
     store_codebook([source], cluster_weight(source.weight, 3))
-    dense = codebook_bytes(model)
     tie_group(model, "mlp.up_proj", [1, 2], "first")
     assert getattr(decoder_layers(model)[2].mlp.up_proj, CODEBOOK_ATTRIBUTE) is getattr(source, CODEBOOK_ATTRIBUTE)
-    assert codebook_bytes(model) == dense - 128 * 64 * 2  # the tied tensor is gone from the count
+    pack_codebooks(model)  # the tied users share one codebook module, stored once
+    assert decoder_layers(model)[2].mlp.up_proj is decoder_layers(model)[1].mlp.up_proj
+    assert [name for name, _ in weight_modules(model)] == ["model.layers.1.mlp.up_proj"]
+    assert getattr(model.config, TIED_PARAMETERS_KEY) == {"model.layers.2.mlp.up_proj": "model.layers.1.mlp.up_proj"}
 
 
 def test_transformers_refuses_to_save_undeclared_ties(model, tmp_path):

@@ -2,12 +2,13 @@ import copy
 
 import pytest
 import torch
+from test_awq import _logit_error, _with_outlier_channels
+from test_quantize_stage import run_quantize_stage
 
 from conftest import random_windows
 from slimlm.errors import SlimlmError
-from slimlm.quantize.smoothquant import W8A8Linear, quantize_per_token, replace_with_w8a8, smoothing_scales
-from test_awq import _logit_error, _with_outlier_channels
-from test_quantize_stage import run_quantize_stage
+from slimlm.quantize.smoothquant import replace_with_w8a8, smoothing_scales
+from slimlm.quantize.w8a8 import W8A8Linear, quantize_per_token
 
 
 def test_per_token_int8_round_trip_is_within_half_a_step():
@@ -20,7 +21,7 @@ def test_per_token_int8_round_trip_is_within_half_a_step():
 def test_smoothing_scales_follow_the_formula():
     activation_max = torch.tensor([4.0, 1.0, 100.0])
     weights = [torch.tensor([[1.0, -2.0, 0.5]]), torch.tensor([[-4.0, 1.0, 0.25]])]
-    expected = torch.tensor([4.0 ** 0.5 / 4.0 ** 0.5, 1.0 / 2.0 ** 0.5, 100.0 ** 0.5 / 0.5 ** 0.5])
+    expected = torch.tensor([4.0**0.5 / 4.0**0.5, 1.0 / 2.0**0.5, 100.0**0.5 / 0.5**0.5])
     torch.testing.assert_close(smoothing_scales(activation_max, weights, 0.5), expected)
 
 
@@ -41,8 +42,19 @@ def test_smoothquant_beats_plain_w8a8_with_outlier_activations(tiny_model):
     windows = random_windows(original, samples=4, seq_len=32)
     plain = copy.deepcopy(original)
     for layer in plain.model.layers:
-        replace_with_w8a8(layer, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                                  "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"], "int_mm")
+        replace_with_w8a8(
+            layer,
+            [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ],
+            "int_mm",
+        )
     smooth = copy.deepcopy(original)
     context = run_quantize_stage(smooth, windows, method="smoothquant", bits=8, group_size=None)
     assert sum(isinstance(m, W8A8Linear) for m in smooth.modules()) == 2 * 7
@@ -51,13 +63,13 @@ def test_smoothquant_beats_plain_w8a8_with_outlier_activations(tiny_model):
 
 
 def test_smoothquant_refuses_other_bit_widths(tiny_model):
-    with pytest.raises(SlimlmError, match="smoothquant is W8A8"):
+    with pytest.raises(SlimlmError, match=r"quantize\.bits: Input should be 8"):
         run_quantize_stage(tiny_model, random_windows(tiny_model), method="smoothquant", bits=4, group_size=None)
 
 
 def test_w8a8_models_count_their_int8_weights_and_name_their_kernel(tiny_model):
     from slimlm.evaluate.footprint import parameter_counts
-    from slimlm.quantize.packed import kernel_label
+    from slimlm.storage import kernel_summary as kernel_label
 
     before = parameter_counts(tiny_model)
     model = copy.deepcopy(tiny_model)

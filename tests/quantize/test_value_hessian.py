@@ -1,14 +1,13 @@
 import pytest
 import torch
 
+from conftest import build_tiny_llama
 from slimlm.calibrate import capture_first_layer_inputs
 from slimlm.modules import decoder_layers
+from slimlm.quantize import value_hessian
 from slimlm.quantize.gptq import gptq_per_head
 from slimlm.quantize.grid import QuantGrid
-from slimlm.quantize import value_hessian
 from slimlm.quantize.value_hessian import value_hessians
-
-from conftest import build_tiny_llama
 
 
 def _expected_value_hessians(model, windows):

@@ -27,12 +27,34 @@ def _free_port() -> int:
 
 def test_two_process_ddp_trains_on_both_ranks_and_rank0_saves(tmp_path):
     out = tmp_path / "ddp"
-    env = {**os.environ, "SLIMLM_NO_PROGRESS": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf"),
-           "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": ""}
+    env = {
+        **os.environ,
+        "SLIMLM_NO_PROGRESS": "1",
+        "OMP_NUM_THREADS": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+        "ACCELERATE_USE_CPU": "true",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
     accelerate = Path(sys.executable).with_name("accelerate")
-    command = [str(accelerate), "launch", "--config_file", str(CONFIGS / "ddp_cpu.yaml"), "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()),
-               str(SCRIPT), "--out", str(out), "--steps", "4", "--checkpoint-every", "2", "--on-policy", "0.5"]
+    command = [
+        str(accelerate),
+        "launch",
+        "--config_file",
+        str(CONFIGS / "ddp_cpu.yaml"),
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--steps",
+        "4",
+        "--checkpoint-every",
+        "2",
+        "--on-policy",
+        "0.5",
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     logs = [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
@@ -50,6 +72,8 @@ def test_two_process_ddp_trains_on_both_ranks_and_rank0_saves(tmp_path):
 def test_documented_accelerate_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    kinds = {name: load_config_from_file(str(CONFIGS / f"{name}.yaml")).distributed_type
-             for name in ("fsdp", "deepspeed_zero3", "ddp_cpu")}
+    kinds = {
+        name: load_config_from_file(str(CONFIGS / f"{name}.yaml")).distributed_type
+        for name in ("fsdp", "deepspeed_zero3", "ddp_cpu")
+    }
     assert kinds == {"fsdp": "FSDP", "deepspeed_zero3": "DEEPSPEED", "ddp_cpu": "MULTI_GPU"}

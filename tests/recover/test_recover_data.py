@@ -1,6 +1,5 @@
-import torch
-
 import pytest
+import torch
 
 from slimlm.errors import SlimlmError
 from slimlm.recover.data import WindowOrder, pack_documents, packed_windows

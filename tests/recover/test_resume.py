@@ -21,8 +21,22 @@ def _env() -> dict:
 
 
 def _start(out: Path, sleep: float) -> subprocess.Popen:
-    command = [sys.executable, str(SCRIPT), "--out", str(out), "--steps", "12", "--checkpoint-every", "3",
-               "--sleep", str(sleep), "--grad-accum", "2", "--on-policy", "0.3"]
+    command = [
+        sys.executable,
+        str(SCRIPT),
+        "--out",
+        str(out),
+        "--steps",
+        "12",
+        "--checkpoint-every",
+        "3",
+        "--sleep",
+        str(sleep),
+        "--grad-accum",
+        "2",
+        "--on-policy",
+        "0.3",
+    ]
     return subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

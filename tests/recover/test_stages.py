@@ -7,6 +7,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import build_tiny_llama
+from slimlm.calibration import Calibration
 from slimlm.errors import SlimlmError
 from slimlm.pipeline import run_recipe
 from slimlm.recipe import parse_recipe
@@ -20,8 +21,18 @@ from slimlm.registry import StageContext, get_stage
 def _documents(folder) -> str:
     """A small .jsonl text set: tokenizing it is instant, unlike the 1,000-document C4 sample."""
     path = folder / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. "
-                                               "Distillation teaches a small student."}) + "\n" for i in range(40)))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "text": f"Document {i}: the quick brown fox jumps over the lazy dog. "
+                    "Distillation teaches a small student."
+                }
+            )
+            + "\n"
+            for i in range(40)
+        )
+    )
     return str(path)
 
 
@@ -33,32 +44,46 @@ def _error(stage: dict) -> str:
     return message
 
 
-@pytest.mark.parametrize("stage, expected", [
-    ({"distill": {"temperature": 0}}, "stages[1].distill.temperature: must be > 0"),
-    ({"distill": {"on_policy": 1.5}}, "stages[1].distill.on_policy: must be in [0, 1]"),
-    ({"distill": {"jsd_beta": -0.1}}, "stages[1].distill.jsd_beta: must be in [0, 1]"),
-    ({"distill": {"loss": {"kl": -1}}}, "stages[1].distill.loss.kl: must be >= 0"),
-    ({"distill": {"loss": {"kl": 0}}}, "stages[1].distill.loss: every loss weight is 0"),
-    ({"distill": {"loss": {"kld": 1}}}, "stages[1].distill.loss.kld: unknown option"),
-    ({"distill": {"steps": 0}}, "stages[1].distill.steps: must be at least 1"),
-    ({"distill": {"lr": 0}}, "stages[1].distill.lr: must be > 0"),
-    ({"distill": {"qat": {"bits": 1}}}, "stages[1].distill.qat.bits: must be in 2..8"),
-    ({"distill": {"teacher": [{"model": "original", "weight": 0}]}},
-     "stages[1].distill.teacher[0].weight: must be > 0"),
-    ({"distill": {"teacher_topk": 16, "on_policy": 0.5}}, "stages[1].distill.teacher_topk: the cache holds"),
-    ({"lora": {"targets": ["q_proj", "qkv"]}}, "stages[1].lora.targets: unknown module 'qkv'; known: q_proj, k_proj, "
-                                               "v_proj, o_proj, gate_proj, up_proj, down_proj"),
-    ({"lora": {"rank": 0}}, "stages[1].lora.rank: must be at least 1"),
-    ({"lora": {"loss": "mse"}}, "stages[1].lora.loss: Input should be 'lm' or 'kd'"),
-])
+@pytest.mark.parametrize(
+    "stage, expected",
+    [
+        ({"distill": {"temperature": 0}}, "stages[1].distill.temperature: Input should be greater than 0"),
+        ({"distill": {"on_policy": 1.5}}, "stages[1].distill.on_policy: Input should be less than or equal to 1"),
+        ({"distill": {"jsd_beta": -0.1}}, "stages[1].distill.jsd_beta: Input should be greater than or equal to 0"),
+        ({"distill": {"loss": {"kl": -1}}}, "stages[1].distill.loss.kl: Input should be greater than or equal to 0"),
+        ({"distill": {"loss": {"kl": 0}}}, "stages[1].distill.loss: every loss weight is 0"),
+        ({"distill": {"loss": {"kld": 1}}}, "stages[1].distill.loss.kld: unknown option"),
+        ({"distill": {"steps": 0}}, "stages[1].distill.steps: Input should be greater than 0"),
+        ({"distill": {"lr": 0}}, "stages[1].distill.lr: Input should be greater than 0"),
+        ({"distill": {"qat": {"bits": 1}}}, "stages[1].distill.qat.bits: Input should be greater than or equal to 2"),
+        (
+            {"distill": {"teacher": [{"model": "original", "weight": 0}]}},
+            "stages[1].distill.teacher[0].weight: Input should be greater than 0",
+        ),
+        ({"distill": {"teacher_topk": 16, "on_policy": 0.5}}, "stages[1].distill.teacher_topk: the cache holds"),
+        (
+            {"lora": {"targets": ["q_proj", "qkv"]}},
+            "stages[1].lora.targets[1]: Input should be 'q_proj', 'k_proj', "
+            "'v_proj', 'o_proj', 'gate_proj', 'up_proj' or 'down_proj'",
+        ),
+        ({"lora": {"rank": 0}}, "stages[1].lora.rank: Input should be greater than 0"),
+        ({"lora": {"loss": "mse"}}, "stages[1].lora.loss: Input should be 'lm' or 'kd'"),
+    ],
+)
 def test_bad_options_are_one_line_errors_naming_the_field(stage, expected):
     assert expected in _error(stage)
 
 
 def test_teacher_may_be_a_path_or_a_weighted_list():
-    recipe = parse_recipe({"model": "m", "stages": [
-        {"distill": {"teacher": "some/folder"}},
-        {"distill": {"teacher": [{"model": "original", "weight": 2}, {"model": "other"}]}}]})
+    recipe = parse_recipe(
+        {
+            "model": "m",
+            "stages": [
+                {"distill": {"teacher": "some/folder"}},
+                {"distill": {"teacher": [{"model": "original", "weight": 2}, {"model": "other"}]}},
+            ],
+        }
+    )
     assert [t.model for t in recipe.stages[0].options.teacher] == ["some/folder"]
     assert [t.weight for t in recipe.stages[1].options.teacher] == [2, 1.0]
 
@@ -67,8 +92,10 @@ def test_layer_map_rules_and_errors():
     student, teacher_depth = build_tiny_llama(64, layers=2), 6
     assert resolve_layer_map(student, teacher_depth, None, True)[0] == uniform_layer_map(2, 6) == [2, 5]
     setattr(student.config, KEPT_LAYERS_ATTRIBUTE, [0, 4])
-    assert resolve_layer_map(student, teacher_depth, None, True) == ([0, 4], "config.slimlm_kept_layers (the layers "
-                                                                              "depth pruning kept)")
+    assert resolve_layer_map(student, teacher_depth, None, True) == (
+        [0, 4],
+        "config.slimlm_kept_layers (the layers depth pruning kept)",
+    )
     assert resolve_layer_map(student, teacher_depth, None, False)[0] == [2, 5]
     assert resolve_layer_map(student, teacher_depth, [1, 3], True)[0] == [1, 3]
     with pytest.raises(SlimlmError, match=r"^distill.layer_map: has 3 entries but the student has 2 layers"):
@@ -80,25 +107,51 @@ def test_layer_map_rules_and_errors():
 def test_distill_stage_checks_the_layer_map_against_the_models(tiny_tokenizer, tmp_path):
     teacher = build_tiny_llama(len(tiny_tokenizer), layers=2)
     student = build_tiny_llama(len(tiny_tokenizer), seed=1, layers=1)
-    recipe = parse_recipe({"model": "m", "stages": [
-        {"distill": {"loss": {"kl": 1, "hidden": 1}, "layer_map": [0, 1], "steps": 1, "seq_len": 16,
-                     "data": _documents(tmp_path)}}]})
-    context = StageContext(tiny_tokenizer, recipe.calibration, tmp_path, lambda: teacher)
+    recipe = parse_recipe(
+        {
+            "model": "m",
+            "stages": [
+                {
+                    "distill": {
+                        "loss": {"kl": 1, "hidden": 1},
+                        "layer_map": [0, 1],
+                        "steps": 1,
+                        "seq_len": 16,
+                        "data": _documents(tmp_path),
+                    }
+                }
+            ],
+        }
+    )
+    context = StageContext(tiny_tokenizer, Calibration(recipe.calibration, tiny_tokenizer), tmp_path, lambda: teacher)
     with pytest.raises(SlimlmError, match=r"^distill.layer_map: has 2 entries but the student has 1 layers"):
         get_stage("distill").apply(student, recipe.stages[0].options, context)
 
 
 def test_recipe_prune_depth_then_distill_gives_a_reloadable_model(tiny_model_dir, tmp_path):
     out, text = tmp_path / "run", _documents(tmp_path)
-    recipe = parse_recipe({
-        "model": str(tiny_model_dir),
-        "calibration": {"data": str(text), "samples": 2, "seq_len": 32},
-        "evaluate": {"tasks": [], "speed": False},
-        "stages": [{"prune_depth": {"remove": 1}},
-                   {"distill": {"steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-3, "checkpoint_every": 2,
-                                "data": str(text), "loss": {"kl": 1.0, "hidden": 0.1, "attention": 0.1, "lm": 0.1}}}],
-        "output": str(out),
-    })
+    recipe = parse_recipe(
+        {
+            "model": str(tiny_model_dir),
+            "calibration": {"data": str(text), "samples": 2, "seq_len": 32},
+            "evaluate": {"tasks": [], "speed": False},
+            "stages": [
+                {"prune_depth": {"remove": 1}},
+                {
+                    "distill": {
+                        "steps": 3,
+                        "batch_size": 2,
+                        "seq_len": 32,
+                        "lr": 1e-3,
+                        "checkpoint_every": 2,
+                        "data": str(text),
+                        "loss": {"kl": 1.0, "hidden": 0.1, "attention": 0.1, "lm": 0.1},
+                    }
+                },
+            ],
+            "output": str(out),
+        }
+    )
     summary = run_recipe(recipe)
     model = AutoModelForCausalLM.from_pretrained(out / "model")
     assert model.config.num_hidden_layers == 1
@@ -114,8 +167,13 @@ def test_lora_merge_gives_a_plain_model_with_the_adapter_models_logits(tmp_path)
     options = LoraOptions(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"])
     peft_model = attach_lora(model, options)
     windows = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
-    result = train(peft_model, windows, LanguageModelObjective(),
-                   TrainConfig(steps=3, batch_size=2, lr=1e-2, checkpoint_every=1), tmp_path / "lora")
+    result = train(
+        peft_model,
+        windows,
+        LanguageModelObjective(),
+        TrainConfig(steps=3, batch_size=2, lr=1e-2, checkpoint_every=1),
+        tmp_path / "lora",
+    )
     saved = load_file(tmp_path / "lora" / "checkpoints" / "step-00000002" / "model.safetensors")
     assert saved and all("lora_" in name for name in saved)  # adapters only: the frozen base is not copied
     with torch.no_grad():
@@ -136,10 +194,24 @@ def test_lora_stage_keeps_pruned_weights_zero(tiny_tokenizer, tmp_path):
     student = build_tiny_llama(len(tiny_tokenizer), seed=1, layers=1)
     with torch.no_grad():
         student.model.layers[0].mlp.up_proj.weight[:, ::2] = 0
-    recipe = parse_recipe({"model": "m", "stages": [{"lora": {"steps": 2, "batch_size": 2, "seq_len": 32,
-                                                              "lr": 1e-2, "targets": ["up_proj", "q_proj"],
-                                                              "data": _documents(tmp_path)}}]})
-    context = StageContext(tiny_tokenizer, recipe.calibration, tmp_path, None)
+    recipe = parse_recipe(
+        {
+            "model": "m",
+            "stages": [
+                {
+                    "lora": {
+                        "steps": 2,
+                        "batch_size": 2,
+                        "seq_len": 32,
+                        "lr": 1e-2,
+                        "targets": ["up_proj", "q_proj"],
+                        "data": _documents(tmp_path),
+                    }
+                }
+            ],
+        }
+    )
+    context = StageContext(tiny_tokenizer, Calibration(recipe.calibration, tiny_tokenizer), tmp_path, None)
     model = get_stage("lora").apply(student, recipe.stages[0].options, context)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert (model.model.layers[0].mlp.up_proj.weight[:, ::2] == 0).all()
@@ -153,18 +225,24 @@ def test_distill_stage_with_a_teacher_cache_qat_and_kept_sparsity(tiny_tokenizer
     student = build_tiny_llama(len(tiny_tokenizer), seed=1, layers=1)
     with torch.no_grad():
         student.model.layers[0].mlp.gate_proj.weight[::2] = 0
-    options = {"steps": 2, "batch_size": 2, "seq_len": 32, "lr": 1e-3, "teacher_topk": 8,
-               "data": _documents(tmp_path), "qat": {"bits": 4, "group_size": 32},
-               "loss": {"kl": 1.0, "reverse_kl": 0.5}}
+    options = {
+        "steps": 2,
+        "batch_size": 2,
+        "seq_len": 32,
+        "lr": 1e-3,
+        "teacher_topk": 8,
+        "data": _documents(tmp_path),
+        "qat": {"bits": 4, "group_size": 32},
+        "loss": {"kl": 1.0, "reverse_kl": 0.5},
+    }
     recipe = parse_recipe({"model": "m", "stages": [{"distill": options}]})
-    context = StageContext(tiny_tokenizer, recipe.calibration, tmp_path, lambda: teacher)
+    context = StageContext(tiny_tokenizer, Calibration(recipe.calibration, tiny_tokenizer), tmp_path, lambda: teacher)
     model = get_stage("distill").apply(student, recipe.stages[0].options, context)
     gate = model.model.layers[0].mlp.gate_proj
     assert (gate.weight[::2] == 0).all() and torch.equal(gate.slimlm_quantized.dequantize(), gate.weight)
     assert any("cache written" in note for note in context.notes)
-    again = StageContext(tiny_tokenizer, recipe.calibration, tmp_path, lambda: teacher)
-    get_stage("distill").apply(build_tiny_llama(len(tiny_tokenizer), seed=1, layers=1), recipe.stages[0].options,
-                               again)
+    again = StageContext(tiny_tokenizer, Calibration(recipe.calibration, tiny_tokenizer), tmp_path, lambda: teacher)
+    get_stage("distill").apply(build_tiny_llama(len(tiny_tokenizer), seed=1, layers=1), recipe.stages[0].options, again)
     assert any("cache reused" in note for note in again.notes)
 
 
@@ -176,7 +254,7 @@ def test_a_reloaded_student_finds_the_same_training_folder(tiny_tokenizer, tmp_p
     save_model(student, tiny_tokenizer, tmp_path / "saved")
     reloaded = load_model(str(tmp_path / "saved")).model
     options = parse_recipe({"model": "m", "stages": [{"distill": {}}]}).stages[0].options
-    context = StageContext(tiny_tokenizer, None, tmp_path / "scratch")
+    context = StageContext(tiny_tokenizer, Calibration(None), tmp_path / "scratch")
     assert stage_folder(context, "distill", options, student) == stage_folder(context, "distill", options, reloaded)
     other = build_tiny_llama(len(tiny_tokenizer), seed=2, layers=1)
     assert stage_folder(context, "distill", options, other) != stage_folder(context, "distill", options, student)
@@ -200,8 +278,13 @@ def test_interrupted_lora_training_resumes_from_an_adapter_only_checkpoint(tmp_p
     with pytest.raises(KeyboardInterrupt):
         train(fresh(), windows, LanguageModelObjective(), config, tmp_path / "b", on_step=crash)
     torch.manual_seed(123)  # a different init: the checkpoint must restore the adapters (and dropout's RNG)
-    result = train(attach_lora(build_tiny_llama(64, seed=1, layers=1), options), windows, LanguageModelObjective(),
-                   config, tmp_path / "b")
+    result = train(
+        attach_lora(build_tiny_llama(64, seed=1, layers=1), options),
+        windows,
+        LanguageModelObjective(),
+        config,
+        tmp_path / "b",
+    )
     assert result.resumed_from == 2
     got = merge_lora(result.model)
     for (name, a), (_, b) in zip(expected.state_dict().items(), got.state_dict().items()):

@@ -68,10 +68,19 @@ def test_hidden_attention_and_on_policy_losses_train_with_a_projection(tmp_path)
     initial = projection.weight.detach().clone()
     teacher.set_attn_implementation("eager")
     student.set_attn_implementation("eager")
-    result = _distill(student, teacher, tmp_path, steps=4, weights=LossWeights(kl=1, hidden=0.5, attention=0.5,
-                                                                                 lm=0.1, jsd=0.5, reverse_kl=0.5),
-                      temperature=2.0, layer_pairs=[(0, 1)], attention_pairs=[(0, 1)], projection=projection,
-                      on_policy=0.5, seed=3)
+    result = _distill(
+        student,
+        teacher,
+        tmp_path,
+        steps=4,
+        weights=LossWeights(kl=1, hidden=0.5, attention=0.5, lm=0.1, jsd=0.5, reverse_kl=0.5),
+        temperature=2.0,
+        layer_pairs=[(0, 1)],
+        attention_pairs=[(0, 1)],
+        projection=projection,
+        on_policy=0.5,
+        seed=3,
+    )
     record = read_metrics(result.metrics_path)[-1]
     assert {"kl", "reverse_kl", "jsd", "hidden", "attention"} <= set(record)
     assert not torch.equal(projection.weight, initial)  # the projection trained with the student
@@ -88,8 +97,7 @@ def test_sampling_is_seeded():
 
 def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path):
     student = build_tiny_llama(VOCAB, seed=1, layers=1)
-    config = TrainConfig(steps=3, batch_size=2, grad_accum=2, lr=1e-3, precision="bf16",
-                         gradient_checkpointing=True)
+    config = TrainConfig(steps=3, batch_size=2, grad_accum=2, lr=1e-3, precision="bf16", gradient_checkpointing=True)
     result = train(student, _windows(), LanguageModelObjective(), config, tmp_path / "bf16")
     assert result.steps == 3 and result.last_loss is not None
     assert not result.model.is_activation_checkpointing
@@ -108,8 +116,14 @@ def test_qat_leaves_weights_on_the_grid_and_sparsity_is_kept(tmp_path):
     assert len(masks) == len(linears)
     objective = DistillObjective(Teachers([teacher], [1.0]), LossWeights(kl=1.0))
     with frozen([teacher]):
-        result = train(student, _windows(), objective, TrainConfig(steps=5, batch_size=4, lr=1e-2),
-                       tmp_path / "qat", after_step=masks.apply)
+        result = train(
+            student,
+            _windows(),
+            objective,
+            TrainConfig(steps=5, batch_size=4, lr=1e-2),
+            tmp_path / "qat",
+            after_step=masks.apply,
+        )
     constraints.detach_fake_quantization(linears, grid)
     for _, linear in named_decoder_linears(result.model):
         assert torch.equal(linear.weight, fake_quantize(linear.weight, grid))  # already on the grid
@@ -135,8 +149,63 @@ def test_resume_refuses_checkpoints_of_other_settings(tmp_path):
     from slimlm.errors import SlimlmError
 
     student = build_tiny_llama(VOCAB, seed=1, layers=1)
-    train(student, _windows(), LanguageModelObjective(), TrainConfig(steps=2, batch_size=2, checkpoint_every=1),
-          tmp_path / "run")
+    train(
+        student,
+        _windows(),
+        LanguageModelObjective(),
+        TrainConfig(steps=2, batch_size=2, checkpoint_every=1),
+        tmp_path / "run",
+    )
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["steps"] == 2
     with pytest.raises(SlimlmError, match="other settings"):
         train(student, _windows(), LanguageModelObjective(), TrainConfig(steps=3, batch_size=2), tmp_path / "run")
+
+
+class _LossFrom(LanguageModelObjective):
+    """The LM loss, multiplied by `factor` from the `at`-th optimizer step on (one micro-batch per step)."""
+
+    def __init__(self, at: int, factor: float):
+        self.calls, self.at, self.factor = 0, at, factor
+
+    def __call__(self, student, batch):
+        loss, parts = super().__call__(student, batch)
+        self.calls += 1
+        return (loss * self.factor if self.calls >= self.at else loss), parts
+
+
+@pytest.mark.parametrize(
+    ("factor", "message"),
+    [
+        (1e3, r"diverged at step 4: loss .* is above .*10× the first"),
+        (float("nan"), r"diverged at step 4: the loss became nan"),
+    ],
+)
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path, factor, message):
+    from slimlm.recover.checkpoint import completed_checkpoints
+    from slimlm.recover.trainer import TrainingDiverged
+
+    student = build_tiny_llama(VOCAB, seed=1, layers=1)
+    config = TrainConfig(steps=10, batch_size=2, checkpoint_every=1, keep_checkpoints=5)
+    with pytest.raises(TrainingDiverged, match=message) as err:
+        train(student, _windows(), _LossFrom(4, factor), config, tmp_path / "run")
+    # step 4's loss came from the weights checkpointed after step 3: that checkpoint goes, the older ones stay
+    assert [step for step, _ in completed_checkpoints(tmp_path / "run" / "checkpoints")] == [1, 2]
+    kept = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert str(err.value).endswith(f"last good checkpoint kept: {kept}")
+    assert "\n" not in str(err.value)
+
+
+def test_a_real_too_high_lr_is_caught(tmp_path):
+    """lr 100 on a distillation: the KL explodes within a few steps instead of ending near a uniform guess."""
+    from slimlm.recover.trainer import TrainingDiverged
+
+    teacher, student = _teacher(), build_tiny_llama(VOCAB, seed=1, layers=1)
+    objective = DistillObjective(Teachers([teacher], [1.0]), LossWeights(kl=1.0))
+    with frozen([teacher]), pytest.raises(TrainingDiverged, match="lower lr"):
+        train(
+            student,
+            _windows(),
+            objective,
+            TrainConfig(steps=25, batch_size=4, lr=100.0, warmup=2, checkpoint_every=0),
+            tmp_path / "run",
+        )

@@ -17,11 +17,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for conftest's tiny models
 
-from conftest import build_tiny_llama  # noqa: E402
-
-from slimlm.recover.objectives import DistillObjective, LossWeights  # noqa: E402
-from slimlm.recover.teacher import Teachers, frozen  # noqa: E402
-from slimlm.recover.trainer import TrainConfig, train  # noqa: E402
+from conftest import build_tiny_llama
+from slimlm.recover.objectives import DistillObjective, LossWeights
+from slimlm.recover.teacher import Teachers, frozen
+from slimlm.recover.trainer import TrainConfig, train
 
 VOCAB = 64
 
@@ -43,10 +42,19 @@ def main() -> None:
     out = Path(args.out)
     teacher = build_tiny_llama(VOCAB, seed=0, layers=2)
     student = build_tiny_llama(VOCAB, seed=1, layers=1)
-    objective = DistillObjective(Teachers([teacher], [1.0]), LossWeights(kl=1.0, lm=0.1), temperature=2.0,
-                                 on_policy=args.on_policy, seed=0)
-    config = TrainConfig(steps=args.steps, batch_size=2, grad_accum=args.grad_accum, lr=3e-3, warmup=2,
-                         checkpoint_every=args.checkpoint_every, seed=0, description="distill")
+    objective = DistillObjective(
+        Teachers([teacher], [1.0]), LossWeights(kl=1.0, lm=0.1), temperature=2.0, on_policy=args.on_policy, seed=0
+    )
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=2,
+        grad_accum=args.grad_accum,
+        lr=3e-3,
+        warmup=2,
+        checkpoint_every=args.checkpoint_every,
+        seed=0,
+        description="distill",
+    )
     seen = []
 
     def on_step(step: int, record: dict) -> None:
@@ -57,8 +65,11 @@ def main() -> None:
         result = train(student, windows(), objective, config, out / "train", on_step=on_step)
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
-    (out / f"rank{rank}.json").write_text(json.dumps(
-        {"rank": rank, "world": world, "steps": result.steps, "resumed_from": result.resumed_from, "seen": seen}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {"rank": rank, "world": world, "steps": result.steps, "resumed_from": result.resumed_from, "seen": seen}
+        )
+    )
     if rank == 0:
         result.model.save_pretrained(out / "model")
 

@@ -4,18 +4,19 @@ Tied tensors (LM head sharing the token embedding) are counted once: a model's s
 not the number of names pointing into it. "Nonzero" counts exact zeros only, which is what unstructured
 pruning produces; sparsity only saves memory once an export stores it sparsely, so both figures are reported.
 
-A packed quantized Linear (slimlm.quantize.packed) holds its weight as buffers (codes, scales), not parameters; it
-counts as the out × in parameters it stands for, nonzero where a code dequantizes to a nonzero value, so
-params_total does not drop after quantization and bits_per_weight = 8 · size_on_disk / params_total is the
-stored bits per weight.
+A module holding its weight in buffers (packed codes and scales, int8 weights, codebook indices: every StoredModule
+whose ``weights_in_buffers()`` is non-zero, slimlm/storage.py) counts as the out × in parameters it stands for,
+nonzero where a code dequantizes to a nonzero value, so params_total does not drop after quantization and
+bits_per_weight = 8 · size_on_disk / params_total is the stored bits per weight.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar
 
 import psutil
 import torch
@@ -23,6 +24,7 @@ from torch import nn
 
 from slimlm.evaluate.records import Record
 from slimlm.modules import named_decoder_linears
+from slimlm.storage import StoredModule, weight_modules
 
 # Weight formats in the order from_pretrained prefers them: a folder holding both safetensors and a .bin copy
 # is loaded (and therefore sized) from the safetensors only.
@@ -48,17 +50,14 @@ def _count_nonzero(tensor: torch.Tensor) -> int:
     return int(torch.count_nonzero(tensor.detach()).item())
 
 
-def _packed_linears(model: nn.Module) -> list[nn.Module]:
-    from slimlm.quantize.packed import quantized_linears  # slimlm.quantize imports this module
-    from slimlm.quantize.smoothquant import W8A8Linear
-
-    return [module for _, module in quantized_linears(model)] + [
-        module for module in model.modules() if isinstance(module, W8A8Linear)]
+def _packed_linears(model: nn.Module) -> list[StoredModule]:
+    """The modules holding a weight in buffers (packed codes, int8, codebook indices), from the storage registry."""
+    return [module for _, module in weight_modules(model)]
 
 
 def _parameter_total(model: nn.Module) -> int:
     """Unique parameters plus the weights packed Linears stand for."""
-    packed = sum(module.in_features * module.out_features for module in _packed_linears(model))
+    packed = sum(module.weights_in_buffers() for module in _packed_linears(model))
     return sum(p.numel() for p in _unique_parameters(model)) + packed
 
 
@@ -164,11 +163,29 @@ def sparse_format_sizes(model: nn.Module, value_bytes: int = 2) -> dict:
 def _sparse_format_records(sizes: dict, base: dict) -> list[Record]:
     protocol = {**base, "values": "bf16", "other_tensors": "dense bf16", "computed": "not written to disk"}
     note = "the size a sparse storage format would take; slimlm saves dense tensors, and dense kernels gain no speed"
-    records = [Record("size", "sparse_bitmask_bf16_bytes", sizes["bitmask"], "bytes", False,
-                      {**protocol, "format": "1-bit mask per weight + nonzero values"}, note)]
+    records = [
+        Record(
+            "size",
+            "sparse_bitmask_bf16_bytes",
+            sizes["bitmask"],
+            "bytes",
+            False,
+            {**protocol, "format": "1-bit mask per weight + nonzero values"},
+            note,
+        )
+    ]
     if sizes["2:4"] is not None:
-        records.append(Record("size", "sparse_2of4_bf16_bytes", sizes["2:4"], "bytes", False,
-                              {**protocol, "format": "2 kept values per 4 + 2-bit index each"}, note))
+        records.append(
+            Record(
+                "size",
+                "sparse_2of4_bf16_bytes",
+                sizes["2:4"],
+                "bytes",
+                False,
+                {**protocol, "format": "2 kept values per 4 + 2-bit index each"},
+                note,
+            )
+        )
     return records
 
 
@@ -241,7 +258,7 @@ class PeakMemory:
     Nested blocks are allowed: an inner reset first banks the outer blocks' peak so far.
     """
 
-    _active: list["PeakMemory"] = []
+    _active: ClassVar[list[PeakMemory]] = []
 
     def __init__(self):
         self.peak_bytes: int | None = None
@@ -252,7 +269,7 @@ class PeakMemory:
         self._stop = threading.Event()
         self._sampler: threading.Thread | None = None
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         for outer in PeakMemory._active:
             if outer.method == "VmHWM":
                 outer._banked_peak = max(outer._banked_peak, _status_bytes("VmHWM"))

@@ -123,7 +123,7 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _usable_cores() -> int:
+def usable_cores() -> int:
     # Containers and taskset limit the cores this process may run on; os.cpu_count() ignores that.
     try:
         return len(os.sched_getaffinity(0))
@@ -149,7 +149,7 @@ def machine_info() -> dict:
     return {
         "cpu_model": _cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": _usable_cores(),
+        "usable_cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "transformers_version": _package_version("transformers"),

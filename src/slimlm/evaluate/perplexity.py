@@ -93,7 +93,7 @@ def perplexity_records(
     if reference is not None and not isinstance(reference, ReferenceLogits):
         reference = ReferenceLogits(reference)
     tokens = tokenize_joined(tokenizer, source)
-    windows = eval_windows(tokens, seq_len, limit)
+    windows = eval_windows(tokens, seq_len, limit, source.path)
     available = tokens.numel() // seq_len
     totals = WindowTotals()
     with progress_bar(f"{task} perplexity", total=len(windows)) as advance:
@@ -115,15 +115,36 @@ def perplexity_records(
     mean_nll = totals.nll / totals.tokens
     records = [
         Record(task, "perplexity", math.exp(mean_nll), "", False, protocol),
-        Record(task, "word_perplexity", math.exp(totals.nll / totals.words), "", False, protocol,
-               "lm-eval's definition (exp(NLL / words)) on these fixed windows"),
+        Record(
+            task,
+            "word_perplexity",
+            math.exp(totals.nll / totals.words),
+            "",
+            False,
+            protocol,
+            "lm-eval's definition (exp(NLL / words)) on these fixed windows",
+        ),
         Record(task, "bits_per_byte", totals.nll / totals.bytes / math.log(2), "bits", False, protocol),
     ]
     if reference is not None:
         records += [
-            Record(task, "kl_divergence", totals.kl / totals.tokens, "nats/token", False, protocol,
-                   "KL(original || model), mean per predicted token"),
-            Record(task, "top1_agreement", totals.top1_agree / totals.tokens, "fraction", True, protocol,
-                   "argmax of model equals argmax of original"),
+            Record(
+                task,
+                "kl_divergence",
+                totals.kl / totals.tokens,
+                "nats/token",
+                False,
+                protocol,
+                "KL(original || model), mean per predicted token",
+            ),
+            Record(
+                task,
+                "top1_agreement",
+                totals.top1_agree / totals.tokens,
+                "fraction",
+                True,
+                protocol,
+                "argmax of model equals argmax of original",
+            ),
         ]
     return records

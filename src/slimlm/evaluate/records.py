@@ -14,6 +14,7 @@ class Record:
     the task (``perplexity``, ``kl_divergence``, ``decode_tokens_per_s``...). `protocol` holds every setting
     needed to reproduce it (data file and sha256, seq_len, windows, tokens, threads, dtype...).
     `value` is None when the figure could not be measured; `note` then says why (e.g. "no energy counter").
+    `spread` is [min, max] over the runs a median `value` was taken from (speed figures), None otherwise.
     """
 
     task: str
@@ -23,12 +24,13 @@ class Record:
     higher_is_better: bool | None = None
     protocol: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    spread: list[float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Record":
+    def from_dict(cls, data: dict[str, Any]) -> Record:
         return cls(**data)
 
     def protocol_line(self) -> str:

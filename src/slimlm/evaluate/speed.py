@@ -4,7 +4,9 @@ Protocol (pinned, printed with every number): batch 1; the prompt is a fixed Eng
 special tokens and repeated/cut to exactly `prompt_tokens` tokens (random ids from a seeded generator when no
 tokenizer is given). Each run is one forward over the prompt with a fresh DynamicCache (timed: prefill), then
 `new_tokens` single-token forwards feeding back the argmax through the cache (timed together: decode). No EOS
-check, so every run decodes exactly `new_tokens` tokens. Warm-up runs are discarded; figures are medians.
+check, so every run decodes exactly `new_tokens` tokens. Warm-up runs are discarded; figures are medians, each
+with the [min, max] of its runs. The 1-minute load average is read before and after the runs: above the cores this
+process may use, other work competed for them, and the figures are flagged `busy` rather than presented as plain.
 Energy is read from RAPL or NVML over the decode steps only; without a counter the figure is None, never guessed.
 """
 
@@ -18,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from slimlm.evaluate.machine import EnergyCounter, energy_counter
+from slimlm.evaluate.machine import EnergyCounter, energy_counter, usable_cores
 from slimlm.evaluate.records import Record
+from slimlm.progress import progress_bar
 
 PROMPT_TEXT = (
     "The history of the printing press begins in the middle of the fifteenth century, when Johannes Gutenberg, "
@@ -76,9 +79,7 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def greedy_decode(
-    model, input_ids: torch.Tensor, new_tokens: int, counter: EnergyCounter | None = None
-) -> DecodeRun:
+def greedy_decode(model, input_ids: torch.Tensor, new_tokens: int, counter: EnergyCounter | None = None) -> DecodeRun:
     """Prefill `input_ids`, then decode `new_tokens` tokens greedily through the KV cache, timing each phase."""
     device = input_ids.device
     cache = DynamicCache(config=model.config)
@@ -101,17 +102,43 @@ def greedy_decode(
     return DecodeRun(prefill_seconds, decode_seconds, decoded_ids, joules)
 
 
-def _spread(values: list[float], fmt: str) -> str:
-    return f"runs min {min(values):{fmt}} max {max(values):{fmt}}"
+def _median_record(
+    metric: str, values: list[float], unit: str, higher_is_better: bool, protocol: dict, note: str
+) -> Record:
+    return Record(
+        "speed",
+        metric,
+        statistics.median(values),
+        unit,
+        higher_is_better,
+        dict(protocol),
+        note,
+        [min(values), max(values)],
+    )
 
 
-def _energy_record(runs: list[DecodeRun], counter: EnergyCounter | None, protocol: dict) -> Record:
+def _energy_record(runs: list[DecodeRun], counter: EnergyCounter | None, protocol: dict, note: str) -> Record:
     metric = "decode_joules_per_token"
     if counter is None:
         return Record("speed", metric, None, "J/token", False, dict(protocol), note="no energy counter")
     joules = [run.decode_joules / len(run.decoded_ids) for run in runs]
     energy_protocol = {**protocol, "energy_counter": counter.name, "energy_scope": counter.scope}
-    return Record("speed", metric, statistics.median(joules), "J/token", False, energy_protocol, _spread(joules, ".4g"))
+    return _median_record(metric, joules, "J/token", False, energy_protocol, note)
+
+
+def _load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _busy_note(before: float | None, after: float | None, cores: int) -> str:
+    """Why the figures are not clean, or "" when the machine was not busy (or its load cannot be read)."""
+    loads = [load for load in (before, after) if load is not None]
+    if not loads or max(loads) <= cores:
+        return ""
+    return (
+        f"busy machine: 1-min load average {before} before, {after} after the runs, above its {cores} usable "
+        "cores; other work competed for them, so these figures understate its speed"
+    )
 
 
 @torch.inference_mode()
@@ -129,16 +156,20 @@ def measure_speed(
     if prompt_tokens < 1 or new_tokens < 1 or runs < 1:
         raise ValueError("prompt_tokens, new_tokens and runs must be at least 1")
     model.eval()
-    # Other busy processes slow every figure below; the load average on entry lets a reader spot that.
-    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+    load_before = _load_average()  # other busy processes slow every figure below
     device = _device_of(model)
     input_ids = prompt_ids(tokenizer, prompt_tokens, model.config.vocab_size, seed).to(device)
     counter = energy_counter(device)
     torch.manual_seed(seed)
-    for _ in range(warmup):
-        greedy_decode(model, input_ids, new_tokens)
-    timed = [greedy_decode(model, input_ids, new_tokens, counter) for _ in range(runs)]
-
+    timed = []
+    with progress_bar("speed (warm-up, then timed runs)", total=warmup + runs) as advance:
+        for run in range(warmup + runs):
+            result = greedy_decode(model, input_ids, new_tokens, counter if run >= warmup else None)
+            if run >= warmup:
+                timed.append(result)
+            advance()
+    load_after, cores = _load_average(), usable_cores()
+    note = _busy_note(load_before, load_after, cores)
     protocol = {
         "prompt_tokens": prompt_tokens,
         "prompt": "fixed English paragraph" if tokenizer is not None else f"random ids (seed {seed})",
@@ -152,22 +183,28 @@ def measure_speed(
         "batch": 1,
         "kernel": kernel,
         "load_avg_1min_before": load_before,
+        "load_avg_1min_after": load_after,
+        "usable_cores": cores,
+        "busy": bool(note),
         "decoding": "greedy, KV cache, no EOS stop, prefill logits of the last position only",
     }
-    prefill_ms = [run.prefill_seconds * 1e3 for run in timed]
-    prefill_rate = [prompt_tokens / run.prefill_seconds for run in timed]
-    decode_rate = [len(run.decoded_ids) / run.decode_seconds for run in timed]
     return [
-        Record(
-            "speed", "prefill_ms", statistics.median(prefill_ms), "ms", False, dict(protocol), _spread(prefill_ms, ".1f")
+        _median_record("prefill_ms", [run.prefill_seconds * 1e3 for run in timed], "ms", False, protocol, note),
+        _median_record(
+            "prefill_tokens_per_s",
+            [prompt_tokens / run.prefill_seconds for run in timed],
+            "tokens/s",
+            True,
+            protocol,
+            note,
         ),
-        Record(
-            "speed", "prefill_tokens_per_s", statistics.median(prefill_rate), "tokens/s", True, dict(protocol),
-            _spread(prefill_rate, ".1f"),
+        _median_record(
+            "decode_tokens_per_s",
+            [len(run.decoded_ids) / run.decode_seconds for run in timed],
+            "tokens/s",
+            True,
+            protocol,
+            note,
         ),
-        Record(
-            "speed", "decode_tokens_per_s", statistics.median(decode_rate), "tokens/s", True, dict(protocol),
-            _spread(decode_rate, ".2f"),
-        ),
-        _energy_record(timed, counter, protocol),
+        _energy_record(timed, counter, protocol, note),
     ]

@@ -80,6 +80,14 @@ def _task_manager(needs_lm_eval_registry: bool, data_dir: str | None) -> Any:
     return TaskManager(include_path=str(TASKS_DIR), include_defaults=needs_lm_eval_registry, metadata=metadata)
 
 
+def check_task_names(tasks: list[str]) -> None:
+    """Refuse a task name that is neither builtin nor in lm-eval's registry (indexed only when a name needs it)."""
+    others = [task for task in tasks if task not in BUILTIN_TASKS]
+    if others:
+        with _quiet_harness():
+            _check_known(others, _task_manager(True, None))
+
+
 def _check_known(tasks: list[str], manager: Any) -> None:
     for task in tasks:
         if task not in BUILTIN_TASKS and task not in manager.all_tasks:
@@ -132,7 +140,9 @@ def _run_task(
     ]
 
 
-def _records_of(lm_eval_name: str, output: dict[str, Any], common: dict[str, Any], data_dir: Path | None) -> list[Record]:
+def _records_of(
+    lm_eval_name: str, output: dict[str, Any], common: dict[str, Any], data_dir: Path | None
+) -> list[Record]:
     """Records for one lm-eval task (or group) of a `simple_evaluate` output."""
     config = output["configs"].get(lm_eval_name, {})
     task_metadata = config.get("metadata") or {}

@@ -1,3 +1,6 @@
 # Importing the modules registers the lowrank stage and its methods.
-from slimlm.lowrank import stage  # noqa: F401  (the stage and its options)
-from slimlm.lowrank import eora, svd  # noqa: F401  (methods)
+from slimlm.lowrank import (  # noqa: F401  (methods)
+    eora,
+    stage,
+    svd,
+)

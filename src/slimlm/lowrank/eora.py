@@ -20,17 +20,26 @@ from slimlm.calibrate import InputStats, LayerInputs, run_layer, walk_layers
 from slimlm.errors import SlimlmError
 from slimlm.lowrank.factorize import eora_factors, output_error
 from slimlm.lowrank.layers import CompensatedLinear, effective_weight
-from slimlm.lowrank.stage import (LowRankOptions, check_finite, checked_rank, rank_summary, register_lowrank_method,
-                                  target_modules)
-from slimlm.modules import decoder_layers, named_decoder_linears
-from slimlm.prune.unstructured import calibration_windows
-from slimlm.quantize.gptq import SEQUENTIAL_SETS
+from slimlm.lowrank.stage import (
+    LowRankTargets,
+    check_finite,
+    checked_rank,
+    rank_summary,
+    register_lowrank_method,
+    target_modules,
+)
+from slimlm.modules import SEQUENTIAL_SETS, decoder_layers, named_decoder_linears
 from slimlm.streaming import require_materialized
 
 
-@register_lowrank_method("eora")
+class EoRAOptions(LowRankTargets):
+    """eora's options: a rank or rank_ratio (no energy: the error it approximates is not a weight), and every
+    projection by default (a compensation only adds a correction)."""
+
+
+@register_lowrank_method("eora", EoRAOptions)
 @torch.no_grad()
-def eora_compensate(model, options: LowRankOptions, context) -> None:
+def eora_compensate(model, options: EoRAOptions, context) -> None:
     """Wrap every compressed target in a CompensatedLinear holding EoRA factors of its error."""
     require_materialized(model, "lowrank eora")
     originals = _original_linears(model, context)
@@ -54,31 +63,36 @@ def eora_compensate(model, options: LowRankOptions, context) -> None:
                 layer.set_submodule(name, result.pop("module"))
                 done.append(result)
 
-    walk_layers(model, calibration_windows(model, context), compensate_layer, description="eora")
+    walk_layers(model, context.calibration.windows(model, context.notes), compensate_layer, description="eora")
     context.notes.extend(_notes(done, untouched, options))
 
 
 def _original_linears(model: nn.Module, context) -> dict[str, nn.Linear]:
     """The original model's decoder Linears by full name; the compressed model must have the same layers."""
     if context.load_original is None:
-        raise SlimlmError("lowrank (eora): needs the original model to measure the compression error; none was "
-                          "given to the stage")
+        raise SlimlmError(
+            "lowrank (eora): needs the original model to measure the compression error; none was given to the stage"
+        )
     original = context.load_original()
     layers, original_layers = len(decoder_layers(model)), len(decoder_layers(original))
     if layers != original_layers:
-        raise SlimlmError(f"lowrank (eora): the model has {layers} decoder layers, the original {original_layers}; "
-                          "EoRA matches Linears by layer, so it cannot follow depth pruning")
+        raise SlimlmError(
+            f"lowrank (eora): the model has {layers} decoder layers, the original {original_layers}; "
+            "EoRA matches Linears by layer, so it cannot follow depth pruning"
+        )
     return dict(named_decoder_linears(original))
 
 
-def _check_targets(model: nn.Module, originals: dict[str, nn.Linear], options: LowRankOptions) -> None:
+def _check_targets(model: nn.Module, originals: dict[str, nn.Linear], options: EoRAOptions) -> None:
     """Every target has the original's shape and room for the rank: checked before the first module is wrapped."""
     for name, _, _, module in target_modules(model, options):
         shape, original = effective_weight(module).shape, originals.get(name)
         if original is None or original.weight.shape != shape:
             found = "no such Linear" if original is None else f"a {list(original.weight.shape)} weight"
-            raise SlimlmError(f"lowrank (eora): {name} has a {list(shape)} weight but the original has {found} "
-                              "(width-pruned?); EoRA compensates compression that keeps the original's shapes")
+            raise SlimlmError(
+                f"lowrank (eora): {name} has a {list(shape)} weight but the original has {found} "
+                "(width-pruned?); EoRA compensates compression that keeps the original's shapes"
+            )
         checked_rank(name, shape, options)
 
 
@@ -91,6 +105,7 @@ def _input_covariances(layer: nn.Module, inputs: LayerInputs, modules: dict[str,
         def record(_module, args, _output):
             x = args[0].detach()
             stats.setdefault(name, InputStats(x.shape[-1], x.device, hessian=True)).add(x)
+
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
@@ -102,8 +117,9 @@ def _input_covariances(layer: nn.Module, inputs: LayerInputs, modules: dict[str,
     return {name: stat.hessian() for name, stat in stats.items()}
 
 
-def _compensate(name: str, module: nn.Module, original: nn.Linear, covariance: torch.Tensor,
-                options: LowRankOptions) -> dict | None:
+def _compensate(
+    name: str, module: nn.Module, original: nn.Linear, covariance: torch.Tensor, options: EoRAOptions
+) -> dict | None:
     """The CompensatedLinear for one module and what the notes need; None when it equals the original."""
     compressed = effective_weight(module).detach().float()
     delta = original.weight.detach().to(compressed.device, torch.float32) - compressed
@@ -115,12 +131,18 @@ def _compensate(name: str, module: nn.Module, original: nn.Linear, covariance: t
     wrapped = CompensatedLinear(module, *eora_factors(delta, covariance, rank))
     check_finite(name, options, "the factors", wrapped.a, wrapped.b)  # after the float16 cast: it may overflow
     residual = delta.double() - wrapped.b.double() @ wrapped.a.double()
-    return {"module": wrapped, "name": name, "rank": rank, "dense": delta.numel(),
-            "factors": wrapped.a.numel() + wrapped.b.numel(),
-            "error_before": output_error(delta, covariance), "error_after": output_error(residual, covariance)}
+    return {
+        "module": wrapped,
+        "name": name,
+        "rank": rank,
+        "dense": delta.numel(),
+        "factors": wrapped.a.numel() + wrapped.b.numel(),
+        "error_before": output_error(delta, covariance),
+        "error_after": output_error(residual, covariance),
+    }
 
 
-def _notes(done: list[dict], untouched: list[str], options: LowRankOptions) -> list[str]:
+def _notes(done: list[dict], untouched: list[str], options: EoRAOptions) -> list[str]:
     notes = []
     if done:
         dense, factors = sum(r["dense"] for r in done), sum(r["factors"] for r in done)
@@ -133,8 +155,10 @@ def _notes(done: list[dict], untouched: list[str], options: LowRankOptions) -> l
             f"calibration data falls to {kept:.1%} of the uncompensated one (summed over those Linears)"
         )
     if untouched:
-        notes.append(f"lowrank: {len(untouched)} targets equal the original (not compressed) and were left as they "
-                     f"are, e.g. {untouched[0]}")
+        notes.append(
+            f"lowrank: {len(untouched)} targets equal the original (not compressed) and were left as they "
+            f"are, e.g. {untouched[0]}"
+        )
     if not done:
         notes.append("lowrank: EoRA found no compressed target to compensate; run it after quantize or prune")
     return notes

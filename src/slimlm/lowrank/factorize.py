@@ -21,8 +21,13 @@ import torch
 EIGENVALUE_FLOOR = 1e-10
 
 
-def rank_from_options(singular_values: torch.Tensor | None, full_rank: int, rank: int | None = None,
-                      rank_ratio: float | None = None, energy: float | None = None) -> int:
+def rank_from_options(
+    singular_values: torch.Tensor | None,
+    full_rank: int,
+    rank: int | None = None,
+    rank_ratio: float | None = None,
+    energy: float | None = None,
+) -> int:
     """The rank asked for: an explicit `rank`, a fraction `rank_ratio` of `full_rank` (at least 1), or the fewest
     leading singular values holding `energy` of the squared Frobenius norm (needs `singular_values`)."""
     if rank is not None:

@@ -15,11 +15,11 @@ for every compressed module, so a compensation can be stacked on any of them.
 
 from __future__ import annotations
 
-import itertools
-
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from slimlm.storage import StoredModule, empty_module_args
 
 # EoRA factors are stored in float16 beside the compressed weight, as in the paper and GPTQModel's EoRA adapters.
 FACTOR_DTYPE = torch.float16
@@ -36,11 +36,10 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
     return dequantize()
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(StoredModule, kind="lowrank"):
     """y = B(Ax) + bias with A = ``a.weight`` [rank, in] and B = ``b.weight`` [out, rank]."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
-                 device=None, dtype=None):
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.a = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
@@ -48,8 +47,9 @@ class LowRankLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
-                     dtype: torch.dtype) -> "LowRankLinear":
+    def from_factors(
+        cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype
+    ) -> LowRankLinear:
         """A module holding these factors (and bias), cast to `dtype`."""
         module = cls(a.shape[1], b.shape[0], a.shape[0], bias is not None, device=a.device, dtype=dtype)
         module.a.weight.copy_(a)
@@ -57,6 +57,26 @@ class LowRankLinear(nn.Module):
         if bias is not None:
             module.b.bias.copy_(bias)
         return module
+
+    def storage_entry(self) -> dict:
+        return {
+            "rank": self.rank,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.b.bias is not None,
+        }
+
+    @classmethod
+    def from_entry(cls, entry: dict, current: nn.Module) -> LowRankLinear:
+        shape = (entry["out_features"], entry["in_features"])
+        if not isinstance(current, nn.Linear) or tuple(current.weight.shape) != shape:
+            raise ValueError(f"expected a Linear with a {list(shape)} weight to factorize, found {current}")
+        return cls(
+            entry["in_features"], entry["out_features"], entry["rank"], entry["bias"], **empty_module_args(current)
+        )
+
+    def kernel_label(self) -> str:
+        return "low-rank B·A (two dense F.linear)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.a(x))
@@ -68,7 +88,7 @@ class LowRankLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
 
 
-class CompensatedLinear(nn.Module):
+class CompensatedLinear(StoredModule, kind="eora"):
     """y = base(x) + (x Aᵀ) Bᵀ: a compressed module plus a low-rank correction of its error (EoRA).
 
     The factors are stored in float16 and cast to the activations' dtype in the forward pass.
@@ -81,12 +101,20 @@ class CompensatedLinear(nn.Module):
         self.a = nn.Parameter(a.detach().to(FACTOR_DTYPE))
         self.b = nn.Parameter(b.detach().to(FACTOR_DTYPE))
 
+    def storage_entry(self) -> dict:
+        return {"rank": self.rank, "in_features": self.in_features, "out_features": self.out_features}
+
     @classmethod
-    def empty(cls, base: nn.Module, rank: int, in_features: int, out_features: int) -> "CompensatedLinear":
-        """Zero factors of the right shapes, for `load_state_dict` to fill (storage.py)."""
-        # a packed quantized base may hold only buffers (codes, scales)
-        device = next(itertools.chain(base.parameters(), base.buffers()), torch.empty(0)).device
-        return cls(base, torch.zeros(rank, in_features, device=device), torch.zeros(out_features, rank, device=device))
+    def from_entry(cls, entry: dict, current: nn.Module) -> CompensatedLinear:
+        """Zero factors of the right shapes around the module there (the entry of a packed base follows)."""
+        device = empty_module_args(current)["device"]
+        rank, in_features, out_features = entry["rank"], entry["in_features"], entry["out_features"]
+        return cls(
+            current, torch.zeros(rank, in_features, device=device), torch.zeros(out_features, rank, device=device)
+        )
+
+    def kernel_label(self) -> str:
+        return "EoRA correction (two float16-factor F.linear beside the base)"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.base(x) + F.linear(F.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))

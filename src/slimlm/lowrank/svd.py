@@ -13,8 +13,14 @@ from torch import nn
 from slimlm.errors import SlimlmError
 from slimlm.lowrank.factorize import singular_values, svd_factors
 from slimlm.lowrank.layers import LowRankLinear
-from slimlm.lowrank.stage import (LowRankOptions, check_finite, checked_rank, rank_summary, register_lowrank_method,
-                                  target_modules)
+from slimlm.lowrank.stage import (
+    LowRankOptions,
+    check_finite,
+    checked_rank,
+    rank_summary,
+    register_lowrank_method,
+    target_modules,
+)
 from slimlm.streaming import require_materialized
 
 
@@ -32,8 +38,10 @@ def svd_truncate(model, options: LowRankOptions, context) -> None:
 
 def _check_factorizable(name: str, module: nn.Module, options: LowRankOptions) -> None:
     if type(module) is not nn.Linear:
-        raise SlimlmError(f"lowrank (svd): {name} is a {type(module).__name__}, not a dense nn.Linear; run the svd "
-                          "stage before stages that replace Linears (packed quantization, EoRA, svd)")
+        raise SlimlmError(
+            f"lowrank (svd): {name} is a {type(module).__name__}, not a dense nn.Linear; run the svd "
+            "stage before stages that replace Linears (packed quantization, EoRA, svd)"
+        )
     check_finite(name, options, "the weights", module.weight)
     if options.energy is None:
         checked_rank(name, module.weight.shape, options)
@@ -50,9 +58,13 @@ def _factorize(name: str, layer: nn.Module, short: str, module: nn.Linear, optio
     error = torch.linalg.matrix_norm(weight.double() - factors.dequantize_weight().double())
     layer.set_submodule(short, factors)
     out_features, in_features = weight.shape
-    return {"name": name, "rank": rank, "dense": out_features * in_features,
-            "factors": rank * (out_features + in_features),
-            "relative_error": float(error / torch.linalg.matrix_norm(weight.double()).clamp(min=1e-30))}
+    return {
+        "name": name,
+        "rank": rank,
+        "dense": out_features * in_features,
+        "factors": rank * (out_features + in_features),
+        "relative_error": float(error / torch.linalg.matrix_norm(weight.double()).clamp(min=1e-30)),
+    }
 
 
 def _notes(replaced: list[dict], options: LowRankOptions) -> list[str]:
@@ -67,6 +79,8 @@ def _notes(replaced: list[dict], options: LowRankOptions) -> list[str]:
     larger = [r["name"] for r in replaced if r["factors"] >= r["dense"]]
     if larger:
         shown = ", ".join(larger[:3]) + (f" and {len(larger) - 3} more" if len(larger) > 3 else "")
-        notes.append(f"lowrank: {len(larger)} of {len(replaced)} factorized Linears are not smaller, rank·(in + out) ≥ "
-                     f"in·out ({shown}): they take more parameters and FLOPs than the dense weight")
+        notes.append(
+            f"lowrank: {len(larger)} of {len(replaced)} factorized Linears are not smaller, rank·(in + out) ≥ "
+            f"in·out ({shown}): they take more parameters and FLOPs than the dense weight"
+        )
     return notes

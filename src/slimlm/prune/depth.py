@@ -23,21 +23,21 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationInfo, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from slimlm.calibrate import LayerInputs, capture_first_layer_inputs, run_layer
 from slimlm.errors import SlimlmError
 from slimlm.modules import decoder_layers
 from slimlm.progress import progress_bar
-from slimlm.prune.unstructured import calibration_windows
-from slimlm.registry import StageOptions, register_stage
+from slimlm.registry import MODULE_KINDS, RESHAPED, TIED, StageOptions, register_stage
 from slimlm.streaming import require_materialized
 from slimlm.surgery import count_parameters, remove_decoder_layers
 
@@ -45,31 +45,18 @@ Criterion = Literal["block_influence", "angular", "perplexity"]
 
 
 class DepthOptions(StageOptions):
-    remove: int | None = None  # how many layers to remove ...
-    keep_ratio: float | None = None  # ... or the fraction of layers to keep (rounded to the nearest count)
+    remove: PositiveInt | None = None  # how many layers to remove ...
+    keep_ratio: float | None = Field(None, gt=0, le=1)  # ... or the fraction of layers to keep (rounded to a count)
     criterion: Criterion = "block_influence"
     block: bool | None = None  # remove one contiguous run; None: the criterion's default (only angular is a block)
-
-    @field_validator("remove")
-    @classmethod
-    def _positive_count(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be at least 1 layer")
-        return value
-
-    @field_validator("keep_ratio")
-    @classmethod
-    def _ratio_range(cls, value: float | None) -> float | None:
-        if value is not None and not 0 < value <= 1:
-            raise ValueError("must be in (0, 1]")
-        return value
 
     @field_validator("block")
     @classmethod
     def _angular_is_a_block(cls, value: bool | None, info: ValidationInfo) -> bool | None:
         if value is False and info.data.get("criterion") == "angular":
-            raise ValueError("angular scores contiguous blocks of layers; use block_influence or perplexity for "
-                             "layers one by one")
+            raise ValueError(
+                "angular scores contiguous blocks of layers; use block_influence or perplexity for layers one by one"
+            )
         return value
 
     @model_validator(mode="after")
@@ -87,13 +74,17 @@ def layers_to_remove(options: DepthOptions, num_layers: int) -> int:
     """The count the options ask for on a model of `num_layers` layers; at least one layer must stay."""
     if options.remove is not None:
         if options.remove >= num_layers:
-            raise SlimlmError(f"prune_depth.remove: {options.remove} would leave no layer of the model's "
-                              f"{num_layers}; must be below {num_layers}")
+            raise SlimlmError(
+                f"prune_depth.remove: {options.remove} would leave no layer of the model's "
+                f"{num_layers}; must be below {num_layers}"
+            )
         return options.remove
     keep = round(options.keep_ratio * num_layers)
     if keep < 1:
-        raise SlimlmError(f"prune_depth.keep_ratio: {options.keep_ratio} keeps no layer of the model's "
-                          f"{num_layers}; must be at least {1 / num_layers:.3g}")
+        raise SlimlmError(
+            f"prune_depth.keep_ratio: {options.keep_ratio} keeps no layer of the model's "
+            f"{num_layers}; must be at least {1 / num_layers:.3g}"
+        )
     return num_layers - keep
 
 
@@ -132,8 +123,10 @@ def boundary_distances(model: nn.Module, windows: torch.Tensor, gap: int, distan
     for boundary in layer_boundaries(model, windows):
         recent.append(boundary)
         if len(recent) == gap + 1:
-            total = sum(distance(F.cosine_similarity(a.float(), b.float(), dim=-1)).sum().item()
-                        for a, b in zip(recent[0], recent[-1]))
+            total = sum(
+                distance(F.cosine_similarity(a.float(), b.float(), dim=-1)).sum().item()
+                for a, b in zip(recent[0], recent[-1])
+            )
             means.append(total / sum(a.shape[0] * a.shape[1] for a in recent[0]))
     return means
 
@@ -200,14 +193,18 @@ def rank_block_influence(model, windows, count: int, contiguous: bool) -> Rankin
     if not contiguous:
         return Ranking([(i,) for i in range(len(influence))], influence, "BI = 1 − mean cos(x_in, x_out)")
     candidates = runs(len(influence), count)
-    return Ranking(candidates, [sum(influence[i] for i in run) for run in candidates],
-                   "sum over the run of BI = 1 − mean cos(x_in, x_out)")
+    return Ranking(
+        candidates,
+        [sum(influence[i] for i in run) for run in candidates],
+        "sum over the run of BI = 1 − mean cos(x_in, x_out)",
+    )
 
 
 def rank_angular(model, windows, count: int, contiguous: bool) -> Ranking:
     distances = boundary_distances(model, windows, gap=count, distance=angular_distance)
-    return Ranking(runs(len(decoder_layers(model)), count), distances,
-                   f"mean over all tokens of arccos(cos(x_l, x_l+{count}))/π")
+    return Ranking(
+        runs(len(decoder_layers(model)), count), distances, f"mean over all tokens of arccos(cos(x_l, x_l+{count}))/π"
+    )
 
 
 def rank_perplexity(model, windows, count: int, contiguous: bool) -> Ranking:
@@ -219,8 +216,12 @@ def rank_perplexity(model, windows, count: int, contiguous: bool) -> Ranking:
             with layers_skipped(model, candidate):
                 scores.append(calibration_perplexity(model, windows))
             advance()
-    return Ranking(candidates, scores, "calibration perplexity with the candidate removed (one-shot: scored on the "
-                                       "unpruned model, not re-scored after each removal)")
+    return Ranking(
+        candidates,
+        scores,
+        "calibration perplexity with the candidate removed (one-shot: scored on the "
+        "unpruned model, not re-scored after each removal)",
+    )
 
 
 RANKINGS: dict[str, Callable[..., Ranking]] = {
@@ -245,7 +246,8 @@ def _label(candidate: tuple[int, ...]) -> str:
     return str(candidate[0]) if len(candidate) == 1 else f"{candidate[0]}-{candidate[-1]}"
 
 
-@register_stage("prune_depth", DepthOptions)
+# removing layers renumbers them: cross-layer ties (recorded by layer index) would point at the wrong layers
+@register_stage("prune_depth", DepthOptions, accepts=MODULE_KINDS - {TIED}, produces=frozenset({RESHAPED}))
 @torch.no_grad()
 def prune_depth(model, options: DepthOptions, context):
     """Remove whole decoder layers (ShortGPT block influence, angular distance, or perplexity ranking)."""
@@ -253,10 +255,11 @@ def prune_depth(model, options: DepthOptions, context):
     num_layers = len(decoder_layers(model))
     count = layers_to_remove(options, num_layers)
     if count == 0:
-        context.notes.append(f"prune_depth: keep_ratio {options.keep_ratio} keeps all {num_layers} layers; "
-                             "nothing removed")
+        context.notes.append(
+            f"prune_depth: keep_ratio {options.keep_ratio} keeps all {num_layers} layers; nothing removed"
+        )
         return model
-    windows = calibration_windows(model, context)
+    windows = context.calibration.windows(model, context.notes)
     ranking = RANKINGS[options.criterion](model, windows, count, options.contiguous)
     removed = choose_layers(ranking, count, options.contiguous)
     params_before = count_parameters(model)
@@ -264,10 +267,14 @@ def prune_depth(model, options: DepthOptions, context):
     # which original layers survive, across repeated depth stages: distillation maps student layers to teacher ones
     earlier = getattr(model.config, "slimlm_kept_layers", None) or list(range(num_layers))
     model.config.slimlm_kept_layers = [earlier[index] for index in kept]
-    context.notes.append(f"prune_depth ({options.criterion}{', contiguous block' if options.contiguous else ''}): "
-                         f"removed layers {removed} of {num_layers} (original numbering); "
-                         f"{describe_ranking(ranking, removed)}")
-    context.notes.append(f"prune_depth: the model is genuinely smaller: {num_layers - count} layers, "
-                         f"{count_parameters(model):,} parameters (was {params_before:,}); layers are gone, not "
-                         "zeroed, so the speed and memory gains the report measures are real")
+    context.notes.append(
+        f"prune_depth ({options.criterion}{', contiguous block' if options.contiguous else ''}): "
+        f"removed layers {removed} of {num_layers} (original numbering); "
+        f"{describe_ranking(ranking, removed)}"
+    )
+    context.notes.append(
+        f"prune_depth: the model is genuinely smaller: {num_layers - count} layers, "
+        f"{count_parameters(model):,} parameters (was {params_before:,}); layers are gone, not "
+        "zeroed, so the speed and memory gains the report measures are real"
+    )
     return model

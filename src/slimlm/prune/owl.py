@@ -18,7 +18,7 @@ from torch import nn
 
 from slimlm.calibrate import observe_layer, walk_layers
 from slimlm.modules import layer_linears
-from slimlm.prune.unstructured import PruneOptions, calibration_windows, register_allocation
+from slimlm.prune.unstructured import PruneOptions, register_allocation
 from slimlm.prune.wanda import wanda_scores
 
 # No layer is pruned entirely: allocations are kept within [0, MAX_LAYER_SPARSITY].
@@ -73,7 +73,7 @@ def _fitting_scale(target: float, deviation: torch.Tensor) -> float:
 @torch.no_grad()
 def owl_allocation(model, options: PruneOptions, context) -> list[float]:
     """Measure outliers on the calibration windows, then allocate the target across layers."""
-    ratios = measure_outlier_ratios(model, calibration_windows(model, context), options.owl_threshold)
+    ratios = measure_outlier_ratios(model, context.calibration.windows(model, context.notes), options.owl_threshold)
     sparsities = owl_sparsities(ratios, options.sparsity, options.owl_lambda)
     layers = range(len(sparsities))
     lowest, highest = min(layers, key=sparsities.__getitem__), max(layers, key=sparsities.__getitem__)

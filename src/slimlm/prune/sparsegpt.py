@@ -11,13 +11,27 @@ IST-DASLab/sparsegpt's `fasterprune` (and locuslab/wanda's copy of it); the mode
 from __future__ import annotations
 
 import torch
+from pydantic import Field, ValidationInfo, field_validator
 from torch import nn
 
 from slimlm.calibrate import observe_layer, walk_layers
 from slimlm.hessian import conditioning_notes, drop_dead_inputs, inverse_hessian_factor
 from slimlm.modules import layer_linears
 from slimlm.prune.masks import nm_mask, parse_pattern, unstructured_mask
-from slimlm.prune.unstructured import PruneOptions, calibration_windows, layer_sparsities, register_prune_method
+from slimlm.prune.unstructured import PruneOptions, layer_sparsities, register_prune_method
+
+
+class SparseGPTOptions(PruneOptions):
+    blocksize: int = Field(128, ge=1)  # columns pruned before their errors are spread over the rest at once
+    damp: float = Field(0.01, gt=0, lt=1)  # × mean diag(H), added to H's diagonal
+
+    @field_validator("blocksize")
+    @classmethod
+    def _blocks_hold_whole_groups(cls, value: int, info: ValidationInfo) -> int:
+        nm = parse_pattern(info.data.get("pattern", "unstructured"))
+        if nm is not None and value % nm[1]:
+            raise ValueError(f"must be a multiple of M={nm[1]} for sparsegpt with pattern {nm[0]}:{nm[1]}")
+        return value
 
 
 class SparseGPT:
@@ -90,9 +104,9 @@ class SparseGPT:
         return unstructured_mask(SparseGPT._saliency(block, diagonal), (drop + 0.5) / block.numel())
 
 
-@register_prune_method("sparsegpt")
+@register_prune_method("sparsegpt", SparseGPTOptions)
 @torch.no_grad()
-def sparsegpt_prune(model, options: PruneOptions, context) -> None:
+def sparsegpt_prune(model, options: SparseGPTOptions, context) -> None:
     """SparseGPT of every decoder Linear, layer by layer; all Linears of a layer from one pass over its inputs."""
     sparsities = layer_sparsities(model, options, context)
     nm = parse_pattern(options.pattern)
@@ -103,14 +117,16 @@ def sparsegpt_prune(model, options: PruneOptions, context) -> None:
         for name, linear in layer_linears(layer).items():
             pruner = SparseGPT(linear.weight.data, stats.pop(name).hessian(), options.damp)
             linear.weight.data.copy_(pruner.prune(sparsities[index], nm, options.blocksize))
-            trouble.extend(conditioning_notes(f"layers.{index}.{name}", pruner.dead_inputs, pruner.damp_used,
-                                             options.damp, "pruned by magnitude"))
+            trouble.extend(
+                conditioning_notes(
+                    f"layers.{index}.{name}", pruner.dead_inputs, pruner.damp_used, options.damp, "pruned by magnitude"
+                )
+            )
 
-    walk_layers(model, calibration_windows(model, context), prune_layer, description="sparsegpt")
+    walk_layers(model, context.calibration.windows(model, context.notes), prune_layer, description="sparsegpt")
     context.notes.append(
         f"sparsegpt: blocksize {options.blocksize}, damping {options.damp} × mean diag(H); each layer's Hessian from "
         "the outputs of the already-pruned layers before it"
     )
     if trouble:
         context.notes.append(f"sparsegpt: {len(trouble)} matrices needed attention: " + "; ".join(trouble))
-

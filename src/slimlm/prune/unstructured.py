@@ -1,6 +1,7 @@
 """The `prune` stage: unstructured and N:M sparsity from per-weight importance scores.
 
-A pruning method is a function ``prune(model, options, context)`` registered in `PRUNE_METHODS`: magnitude needs no
+A pruning method is a function ``prune(model, options, context)`` registered in `PRUNE_METHODS` with its options
+model (`PruneOptions`, or a subclass adding the method's own settings, as SparseGPTOptions): magnitude needs no
 calibration data, Wanda and SparseGPT walk the calibration windows layer by layer (wanda.py, sparsegpt.py). How much
 each decoder layer is pruned is the allocation's business (`ALLOCATIONS`): the same target everywhere, or OWL's
 outlier-weighted sparsities (owl.py); every method asks `layer_sparsities` and prunes each matrix of layer l to the
@@ -10,14 +11,14 @@ counts the size a sparse storage format would take.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
 from slimlm.modules import decoder_layers, layer_linears
 from slimlm.prune.masks import nm_mask, parse_pattern, unstructured_mask
-from slimlm.registry import MethodRegistry, StageOptions, register_stage
+from slimlm.registry import DENSE, TIED, MethodRegistry, StageOptions, register_stage
 from slimlm.streaming import require_materialized
 
 # method name -> function(model, options, context) that prunes the model in place
@@ -29,29 +30,16 @@ register_allocation = ALLOCATIONS.register
 
 
 class PruneOptions(StageOptions):
-    method: str = "magnitude"
-    sparsity: float = 0.5
+    """Options of every pruning method (magnitude and Wanda have no others; sparsegpt.py adds its own)."""
+
+    method: Annotated[str, AfterValidator(PRUNE_METHODS.check)] = "magnitude"
+    sparsity: float = Field(0.5, ge=0, lt=1)
     pattern: str = "unstructured"
     allocation: Literal["uniform", "owl"] = "uniform"
-    # SparseGPT settings, ignored by the other methods
-    blocksize: int = Field(128, ge=1)
-    damp: float = Field(0.01, gt=0, lt=1)
-    # OWL settings, used with allocation: owl: a score is an outlier above owl_threshold × its layer's mean score,
+    # OWL settings, only with allocation: owl: a score is an outlier above owl_threshold × its layer's mean score,
     # and layer sparsities spread over about target ± owl_lambda
     owl_threshold: float = Field(5.0, gt=0)
     owl_lambda: float = Field(0.08, ge=0, lt=0.5)
-
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        return PRUNE_METHODS.check(value)
-
-    @field_validator("sparsity")
-    @classmethod
-    def _sparsity_range(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError("must be in [0, 1)")
-        return value
 
     @field_validator("pattern")
     @classmethod
@@ -76,12 +64,11 @@ class PruneOptions(StageOptions):
             raise ValueError(f"owl allocates unstructured sparsity only; N:M ({pattern}) is the same in every layer")
         return value
 
-    @field_validator("blocksize")
+    @field_validator("owl_threshold", "owl_lambda")
     @classmethod
-    def _blocks_hold_whole_groups(cls, value: int, info: ValidationInfo) -> int:
-        nm = parse_pattern(info.data.get("pattern", "unstructured"))
-        if info.data.get("method") == "sparsegpt" and nm is not None and value % nm[1]:
-            raise ValueError(f"must be a multiple of M={nm[1]} for sparsegpt with pattern {nm[0]}:{nm[1]}")
+    def _owl_settings_need_owl(cls, value: float, info: ValidationInfo) -> float:
+        if info.data.get("allocation", "owl") != "owl":  # runs only when the recipe sets the field
+            raise ValueError("only with allocation: owl")
         return value
 
     @model_validator(mode="after")
@@ -113,16 +100,6 @@ def uniform_allocation(model, options: PruneOptions, context) -> list[float]:
     return [options.sparsity] * len(decoder_layers(model))
 
 
-def calibration_windows(model, context) -> torch.Tensor:
-    """The recipe's calibration windows; the first call notes what they are (later calls get the same windows)."""
-    windows = context.calibration_windows(model)
-    cfg = context.calibration
-    note = f"calibration: {windows.shape[0]} windows × {windows.shape[1]} tokens of {cfg.data} (seed {cfg.seed})"
-    if note not in context.notes:
-        context.notes.append(note)
-    return windows
-
-
 @register_prune_method("magnitude")
 @torch.no_grad()
 def magnitude_prune(model, options: PruneOptions, context) -> None:
@@ -135,7 +112,7 @@ def magnitude_prune(model, options: PruneOptions, context) -> None:
             apply_mask(weight, weight.abs().float(), options, per_row=False, sparsity=sparsities[index])
 
 
-@register_stage("prune", PruneOptions)
+@register_stage("prune", PruneOptions, PRUNE_METHODS, accepts=frozenset({DENSE, TIED}))
 def prune(model, options: PruneOptions, context):
     """Unstructured or N:M pruning of every decoder Linear (magnitude, Wanda, SparseGPT; uniform or OWL sparsity)."""
     PRUNE_METHODS[options.method](model, options, context)

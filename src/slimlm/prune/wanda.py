@@ -13,9 +13,7 @@ from torch import nn
 
 from slimlm.calibrate import InputStats, observe_layer, walk_layers
 from slimlm.modules import layer_linears
-from slimlm.prune.unstructured import (
-    PruneOptions, apply_mask, calibration_windows, layer_sparsities, register_prune_method,
-)
+from slimlm.prune.unstructured import PruneOptions, apply_mask, layer_sparsities, register_prune_method
 
 
 def wanda_scores(linear: nn.Linear, stats: InputStats) -> torch.Tensor:
@@ -35,5 +33,5 @@ def wanda_prune(model, options: PruneOptions, context) -> None:
             scores = wanda_scores(linear, stats[name])
             apply_mask(linear.weight.data, scores, options, per_row=True, sparsity=sparsities[index])
 
-    walk_layers(model, calibration_windows(model, context), prune_layer, description="wanda")
+    walk_layers(model, context.calibration.windows(model, context.notes), prune_layer, description="wanda")
     context.notes.append("wanda: each layer scored on the outputs of the already-pruned layers before it")

@@ -28,13 +28,10 @@ from torch import nn
 
 from slimlm.calibrate import InputStats, observe_layer, walk_layers
 from slimlm.errors import SlimlmError
-from slimlm.prune.unstructured import calibration_windows
-from slimlm.registry import StageOptions, register_stage
+from slimlm.modules import DOWN, OUTPUT, attention_head_dim, config_widths, width_config_changes
+from slimlm.registry import RESHAPED, StageOptions, register_stage
 from slimlm.streaming import require_materialized
-from slimlm.surgery import (
-    attention_head_dim, config_rejection, count_parameters, keep_attention_heads, keep_mlp_channels, set_widths,
-    width_config_changes,
-)
+from slimlm.surgery import config_rejection, count_parameters, keep_attention_heads, keep_mlp_channels, set_widths
 
 Keep = int | float
 
@@ -90,30 +87,32 @@ def resolve_count(value: Keep | None, total: int, field: str, unit: str) -> int:
 
 
 def plan_widths(config, options: WidthOptions) -> WidthPlan:
-    channels = resolve_count(options.mlp_keep, config.intermediate_size, "mlp_keep", "MLP channel")
-    heads = config.num_attention_heads
+    channels_before, heads, _ = config_widths(config)
+    channels = resolve_count(options.mlp_keep, channels_before, "mlp_keep", "MLP channel")
     kept = resolve_count(options.heads_keep, heads, "heads_keep", "attention head")
     kv_heads = kv_heads_for(config, kept, options.gqa)
     problem = _gqa_problem(config, options.gqa) if kv_heads is None else _config_problem(config, kept, kv_heads)
     if problem:
         valid = [n for n in range(1, heads + 1) if _head_count_fits(config, n, options.gqa)]
-        raise SlimlmError(f"prune_width.heads_keep: {kept} of {heads} query heads {problem}; "
-                          f"valid counts: {', '.join(map(str, valid))}")
+        raise SlimlmError(
+            f"prune_width.heads_keep: {kept} of {heads} query heads {problem}; "
+            f"valid counts: {', '.join(map(str, valid))}"
+        )
     return WidthPlan(channels, kept, kv_heads, kept // kv_heads)
 
 
 def kv_heads_for(config, heads: int, gqa: str) -> int | None:
     """The KV heads that go with `heads` query heads, None if the GQA layout cannot hold that many."""
-    kv_heads = config.num_key_value_heads
-    group = config.num_attention_heads // kv_heads
+    _, query_heads, kv_heads = config_widths(config)
+    group = query_heads // kv_heads
     if gqa == "within_groups":
         return kv_heads if heads % kv_heads == 0 else None
     return heads // group if heads % group == 0 else None
 
 
 def _gqa_problem(config, gqa: str) -> str:
-    kv_heads = config.num_key_value_heads
-    group = config.num_attention_heads // kv_heads
+    _, query_heads, kv_heads = config_widths(config)
+    group = query_heads // kv_heads
     if gqa == "within_groups":
         return f"breaks GQA: each of the {kv_heads} KV groups must keep the same number of its {group} query heads"
     return f"breaks GQA: gqa whole_groups removes whole KV groups of {group} query heads"
@@ -158,15 +157,12 @@ def heads_to_keep(head_scores: torch.Tensor, kv_heads: int, plan: WidthPlan, gqa
 
 
 def _needed_stats(config, plan: WidthPlan) -> list[str]:
-    names = []
-    if plan.heads < config.num_attention_heads:
-        names.append("self_attn.o_proj")
-    if plan.channels < config.intermediate_size:
-        names.append("mlp.down_proj")
-    return names
+    """The Linears whose inputs score the units to cut: o_proj's for heads, down_proj's for MLP channels."""
+    channels, heads, _ = config_widths(config)
+    return [name for name, cut in ((OUTPUT, plan.heads < heads), (DOWN, plan.channels < channels)) if cut]
 
 
-@register_stage("prune_width", WidthOptions)
+@register_stage("prune_width", WidthOptions, produces=frozenset({RESHAPED}))
 @torch.no_grad()
 def prune_width(model, options: WidthOptions, context):
     """Remove the least important MLP channels and attention heads (Wanda-style scores); a smaller dense model."""
@@ -175,24 +171,23 @@ def prune_width(model, options: WidthOptions, context):
     plan = plan_widths(config, options)
     names = _needed_stats(config, plan)
     params_before = count_parameters(model)
-    channels_before, heads_before, kv_heads_before = (
-        config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
+    channels_before, heads_before, kv_heads_before = config_widths(config)
     head_dim = attention_head_dim(config)
     changes = width_config_changes(config, plan.channels, plan.heads, plan.kv_heads)
 
     def cut_layer(index: int, layer: nn.Module, inputs) -> None:
         stats = observe_layer(layer, inputs, names)
-        if "mlp.down_proj" in stats:
-            scores = output_contribution(layer.mlp.down_proj, stats["mlp.down_proj"])
-            keep_mlp_channels(layer.mlp, top_sorted(scores, plan.channels))
-        if "self_attn.o_proj" in stats:
-            head_scores = output_contribution(layer.self_attn.o_proj, stats["self_attn.o_proj"])
+        if DOWN in stats:
+            scores = output_contribution(layer.get_submodule(DOWN), stats[DOWN])
+            keep_mlp_channels(layer, top_sorted(scores, plan.channels))
+        if OUTPUT in stats:
+            head_scores = output_contribution(layer.get_submodule(OUTPUT), stats[OUTPUT])
             head_scores = head_scores.view(-1, head_dim).sum(dim=1)
             query, kv = heads_to_keep(head_scores, kv_heads_before, plan, options.gqa)
-            keep_attention_heads(layer.self_attn, query, kv)
+            keep_attention_heads(layer, query, kv)
 
     if names:
-        walk_layers(model, calibration_windows(model, context), cut_layer, description="prune_width")
+        walk_layers(model, context.calibration.windows(model, context.notes), cut_layer, description="prune_width")
     set_widths(config, changes)
     context.notes.append(
         f"prune_width: kept {plan.channels} of {channels_before} MLP channels, {plan.heads} of {heads_before} "

@@ -10,39 +10,40 @@ Groups (llm-awq's LLaMA map): input_layernorm → q/k/v; v_proj → o_proj (only
 inputs, i.e. no grouped-query attention — SmolLM2 and LLaMA-2-70B-style GQA skip it); post_attention_layernorm →
 gate/up; up_proj → down_proj. A group is scaled only when all its Linears are targets. Differences from llm-awq,
 said in the stage notes: the error is measured on the group's Linear outputs rather than through the whole attention
-or MLP block, on a seeded subset of `SEARCH_TOKENS` calibration tokens; no weight clipping search; each layer is
+or MLP block, on a seeded subset of `search_tokens` calibration tokens; no weight clipping search; each layer is
 quantized inside the walk, so the next layer is calibrated on quantized outputs (GPTQ-style), not full precision.
 """
 
 from __future__ import annotations
 
 import torch
+from pydantic import Field, PositiveInt
 from torch import nn
 
 from slimlm.calibrate import run_layer, walk_layers
-from slimlm.modules import layer_linears
-from slimlm.prune.unstructured import calibration_windows
+from slimlm.modules import LINEAR_FED_GROUPS, NORM_FED_GROUPS, layer_linears
 from slimlm.quantize.grid import QuantGrid, fake_quantize, quantize_codes
 from slimlm.quantize.stage import QuantizeOptions, register_quant_method, store_quantized
 from slimlm.surgery import fold_channel_scales
 
-# (module producing the input, Linears reading it), names inside a decoder layer
-SCALE_GROUPS = (
-    ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.v_proj", ("self_attn.o_proj",)),
-    ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.up_proj", ("mlp.down_proj",)),
-)
-GRID_POINTS = 20  # α = 0, 1/20, …, 19/20, as llm-awq
-SEARCH_TOKENS = 2048  # calibration tokens per group used in the search (CPU time grows linearly with it)
+# (module producing the input, Linears reading it): llm-awq's LLaMA map. Searching the norm-fed groups first is
+# llm-awq's order: q/k/v's search sees v_proj before v→o folds its scales into v's rows.
+SCALE_GROUPS = NORM_FED_GROUPS + LINEAR_FED_GROUPS
+
+
+class AWQOptions(QuantizeOptions):
+    grid_points: int = Field(20, ge=2)  # α = 0, 1/n, …, (n−1)/n; llm-awq's 20
+    search_tokens: PositiveInt = 2048  # calibration tokens per group in the search (CPU time grows linearly)
 
 
 def capture_group_inputs(layer: nn.Module, inputs, names: list[str], tokens: int, seed: int) -> dict[str, torch.Tensor]:
     """The input of each named Linear over the calibration windows: a seeded subset of `tokens` rows, float32."""
     linears = layer_linears(layer)
     seen: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    handles = [linears[name].register_forward_pre_hook(lambda _m, args, n=name: seen[n].append(args[0].detach()))
-               for name in names]
+    handles = [
+        linears[name].register_forward_pre_hook(lambda _m, args, n=name: seen[n].append(args[0].detach()))
+        for name in names
+    ]
     try:
         run_layer(layer, inputs)
     finally:
@@ -58,24 +59,26 @@ def capture_group_inputs(layer: nn.Module, inputs, names: list[str], tokens: int
     return captured
 
 
-def group_error(x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor, grid: QuantGrid,
-                references: list[torch.Tensor]) -> float:
+def group_error(
+    x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor, grid: QuantGrid, references: list[torch.Tensor]
+) -> float:
     """Σ over the group of mean ‖X Wᵀ − (X/s) Q(W·s)ᵀ‖² per output."""
     scaled_x = x / scales
     return sum(
-        (scaled_x @ fake_quantize(w * scales, grid).T - ref).pow(2).mean().item()
-        for w, ref in zip(weights, references)
+        (scaled_x @ fake_quantize(w * scales, grid).T - ref).pow(2).mean().item() for w, ref in zip(weights, references)
     )
 
 
-def search_scales(x: torch.Tensor, weights: list[torch.Tensor], grid: QuantGrid) -> tuple[torch.Tensor, float, float]:
+def search_scales(
+    x: torch.Tensor, weights: list[torch.Tensor], grid: QuantGrid, grid_points: int = 20
+) -> tuple[torch.Tensor, float, float]:
     """The per-input-channel scales with the lowest group error; returns (scales, α, error relative to α = 0)."""
     activation = x.abs().mean(dim=0)
     references = [x @ w.T for w in weights]
     best = (None, 0.0, float("inf"))
     baseline = None
-    for point in range(GRID_POINTS):
-        alpha = point / GRID_POINTS
+    for point in range(grid_points):
+        alpha = point / grid_points
         scales = activation.pow(alpha).clamp(min=1e-4)
         scales = scales / (scales.max() * scales.min()).sqrt()
         error = group_error(x, weights, scales, grid, references)
@@ -92,40 +95,45 @@ def _scalable(layer: nn.Module, producer_name: str, consumer_names: tuple[str, .
     return all(name in targets and linears[name].in_features == width for name in consumer_names)
 
 
-def scale_layer(layer: nn.Module, inputs, grid: QuantGrid, targets: set[str], seed: int) -> list[str]:
+def scale_layer(layer: nn.Module, inputs, options: AWQOptions, seed: int) -> list[str]:
     """Search and fold the AWQ scales of every eligible group in the layer; returns a line per group."""
+    grid, targets = options.grid(), set(options.layer_targets())
     groups = [(p, c) for p, c in SCALE_GROUPS if _scalable(layer, p, c, targets)]
-    captured = capture_group_inputs(layer, inputs, [c[0] for _, c in groups], SEARCH_TOKENS, seed)
+    captured = capture_group_inputs(layer, inputs, [c[0] for _, c in groups], options.search_tokens, seed)
     linears = layer_linears(layer)
     lines = []
     for producer_name, consumer_names in groups:
         consumers = [linears[name] for name in consumer_names]
-        scales, alpha, relative = search_scales(captured[consumer_names[0]], [c.weight.float() for c in consumers],
-                                                grid)
+        scales, alpha, relative = search_scales(
+            captured[consumer_names[0]], [c.weight.float() for c in consumers], grid, options.grid_points
+        )
         fold_channel_scales(layer.get_submodule(producer_name), consumers, scales)
-        lines.append(f"{producer_name}→{'/'.join(n.rsplit('.', 1)[-1] for n in consumer_names)} α={alpha:.2f} "
-                     f"(error ×{relative:.2f})")
+        lines.append(
+            f"{producer_name}→{'/'.join(n.rsplit('.', 1)[-1] for n in consumer_names)} α={alpha:.2f} "
+            f"(error ×{relative:.2f})"
+        )
     return lines
 
 
-@register_quant_method("awq")
+@register_quant_method("awq", AWQOptions)
 @torch.no_grad()
-def awq_quantize(model, options: QuantizeOptions, context) -> None:
+def awq_quantize(model, options: AWQOptions, context) -> None:
     """AWQ scales searched and folded layer by layer, then round-to-nearest on the scaled weights."""
     grid, targets = options.grid(), set(options.layer_targets())
     seed = context.calibration.seed
     per_layer: list[str] = []
 
     def quantize_layer(index: int, layer: nn.Module, inputs) -> None:
-        per_layer.append(f"layer {index}: " + ", ".join(scale_layer(layer, inputs, grid, targets, seed + index)))
+        per_layer.append(f"layer {index}: " + ", ".join(scale_layer(layer, inputs, options, seed + index)))
         for name, linear in layer_linears(layer).items():
             if name in targets:
                 store_quantized(linear, quantize_codes(linear.weight, grid))
 
-    walk_layers(model, calibration_windows(model, context), quantize_layer, description="awq")
+    walk_layers(model, context.calibration.windows(model, context.notes), quantize_layer, description="awq")
     context.notes.append(
-        f"awq: α grid of {GRID_POINTS}, error on each group's Linear outputs over {SEARCH_TOKENS} sampled calibration "
-        "tokens, scales folded into the norm or Linear before (v→o skipped where grouped-query attention makes the "
-        "widths differ), no clipping search, then round-to-nearest; " + "; ".join(per_layer[:3])
+        f"awq: α grid of {options.grid_points}, error on each group's Linear outputs over {options.search_tokens} "
+        "sampled calibration tokens, scales folded into the norm or Linear before (v→o skipped where grouped-query "
+        "attention makes the widths differ), no clipping search, then round-to-nearest; "
+        + "; ".join(per_layer[:3])
         + (f"; … ({len(per_layer)} layers)" if len(per_layer) > 3 else "")
     )

@@ -19,25 +19,23 @@ applied at once ("lazy batch"). Follows IST-DASLab/gptq's `fasterquant`, with th
 from __future__ import annotations
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from slimlm.calibrate import observe_layer, walk_layers
 from slimlm.hessian import conditioning_notes, drop_dead_inputs, inverse_hessian_factor
-from slimlm.modules import layer_linears
-from slimlm.prune.unstructured import calibration_windows
+from slimlm.modules import SEQUENTIAL_SETS, VALUE, layer_linears
 from slimlm.quantize.grid import QuantGrid, QuantizedWeight, decode, encode, grid_params
 from slimlm.quantize.stage import QuantizeOptions, register_quant_method, store_quantized
 from slimlm.quantize.value_hessian import value_hessians
 
-# Linears of a decoder layer whose inputs are observed together, in order: each set's inputs come from the
-# already-quantized sets before it.
-SEQUENTIAL_SETS = (
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    ("self_attn.o_proj",),
-    ("mlp.gate_proj", "mlp.up_proj"),
-    ("mlp.down_proj",),
-)
-VALUE = "self_attn.v_proj"
+
+class GPTQOptions(QuantizeOptions):
+    act_order: bool = False  # visit columns by descending diag H (with static groups)
+    damp: float = Field(0.01, gt=0, lt=1)  # × mean diag(H), added to H's diagonal
+    blocksize: int = Field(128, ge=1)  # columns rounded before their errors are spread over the rest at once
+    # v_proj's Hessian weighs each token by the attention it receives (quantize/value_hessian.py); False: plain XᵀX
+    attention_weighted_v: bool = True
 
 
 class GPTQ:
@@ -47,8 +45,9 @@ class GPTQ:
     whose dequantized values are the GPTQ solution. The arguments are not modified.
     """
 
-    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, damp: float = 0.01,
-                 act_order: bool = False):
+    def __init__(
+        self, weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, damp: float = 0.01, act_order: bool = False
+    ):
         self.grid = grid
         self.weight = weight.detach().float().clone()
         hessian = hessian.detach().float().clone()
@@ -99,8 +98,9 @@ class GPTQ:
             column = self.column_order[start + i]
             group = column // self.width
             if not self.static and column % self.width == 0:
-                self.scale[:, group], self.zero[:, group] = grid_params(weight[:, column:column + self.width],
-                                                                        self.grid)
+                self.scale[:, group], self.zero[:, group] = grid_params(
+                    weight[:, column : column + self.width], self.grid
+                )
             scale, zero = self.scale[:, group], self.zero[:, group]
             codes[:, column] = encode(block[:, i], scale, zero, self.grid)
             rounded = decode(codes[:, column], scale, zero)
@@ -110,21 +110,23 @@ class GPTQ:
         return errors
 
 
-def gptq_per_head(weight: torch.Tensor, hessians: list[torch.Tensor], grid: QuantGrid, damp: float,
-                  act_order: bool, blocksize: int) -> tuple[QuantizedWeight, list[GPTQ]]:
+def gptq_per_head(
+    weight: torch.Tensor, hessians: list[torch.Tensor], grid: QuantGrid, damp: float, act_order: bool, blocksize: int
+) -> tuple[QuantizedWeight, list[GPTQ]]:
     """GPTQ of a matrix whose row blocks (one per KV head) each have their own Hessian; the blocks' codes, scales
     and zero points stacked back in row order."""
     rows = weight.shape[0] // len(hessians)
-    solvers = [GPTQ(weight[i * rows:(i + 1) * rows], hessian, grid, damp, act_order)
-               for i, hessian in enumerate(hessians)]
+    solvers = [
+        GPTQ(weight[i * rows : (i + 1) * rows], hessian, grid, damp, act_order) for i, hessian in enumerate(hessians)
+    ]
     parts = [solver.quantize(blocksize) for solver in solvers]
     stacked = QuantizedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero")), grid)
     return stacked, solvers
 
 
-@register_quant_method("gptq")
+@register_quant_method("gptq", GPTQOptions)
 @torch.no_grad()
-def gptq_quantize(model, options: QuantizeOptions, context) -> None:
+def gptq_quantize(model, options: GPTQOptions, context) -> None:
     """GPTQ of every target Linear, layer by layer, true-sequential within a layer."""
     grid, targets = options.grid(), set(options.layer_targets())
     trouble: list[str] = []
@@ -132,15 +134,19 @@ def gptq_quantize(model, options: QuantizeOptions, context) -> None:
 
     def solve(index: int, name: str, linear: nn.Linear, hessian: torch.Tensor, per_head) -> None:
         if per_head is not None:
-            quantized, solvers = gptq_per_head(linear.weight, per_head, grid, options.damp, options.act_order,
-                                               options.blocksize)
+            quantized, solvers = gptq_per_head(
+                linear.weight, per_head, grid, options.damp, options.act_order, options.blocksize
+            )
         else:
             solvers = [GPTQ(linear.weight, hessian, grid, options.damp, options.act_order)]
             quantized = solvers[0].quantize(options.blocksize)
         store_quantized(linear, quantized)
         for solver in solvers:
-            trouble.extend(conditioning_notes(f"layers.{index}.{name}", solver.dead_inputs, solver.damp_used,
-                                              options.damp, "rounded to nearest"))
+            trouble.extend(
+                conditioning_notes(
+                    f"layers.{index}.{name}", solver.dead_inputs, solver.damp_used, options.damp, "rounded to nearest"
+                )
+            )
 
     def quantize_layer(index: int, layer: nn.Module, inputs) -> None:
         linears = layer_linears(layer)
@@ -157,9 +163,12 @@ def gptq_quantize(model, options: QuantizeOptions, context) -> None:
             for name in chosen:
                 solve(index, name, linears[name], stats.pop(name).hessian(), per_head if name == VALUE else None)
 
-    walk_layers(model, calibration_windows(model, context), quantize_layer, description="gptq")
-    weighting = ("v_proj's Hessian per KV head, each token weighted by the attention it receives"
-                 if options.attention_weighted_v else "plain XᵀX Hessians for every projection")
+    walk_layers(model, context.calibration.windows(model, context.notes), quantize_layer, description="gptq")
+    weighting = (
+        "v_proj's Hessian per KV head, each token weighted by the attention it receives"
+        if options.attention_weighted_v
+        else "plain XᵀX Hessians for every projection"
+    )
     context.notes.append(
         f"gptq: blocksize {options.blocksize}, damping {options.damp} × mean diag(H), act_order "
         f"{'on (static groups)' if options.act_order else 'off'}, true-sequential within each layer; each layer's "

@@ -1,5 +1,5 @@
-"""The quantization grid every method shares (RTN, GPTQ, and later AWQ/QAT): b-bit integer codes with one scale and
-zero point per group of consecutive input columns of a weight matrix.
+"""The quantization grid every method shares (RTN, GPTQ, AWQ, QAT, packed storage): b-bit integer codes with one
+scale and zero point per group of consecutive input columns of a weight matrix.
 
 A value v of a group with scale Δ and zero point z is stored as the code q = clamp(round(v/Δ) + z, 0, 2^b − 1)
 and read back as Δ·(q − z). Codes are unsigned (0..2^b − 1) whatever the grid; scales are stored as float16.
@@ -30,6 +30,9 @@ from dataclasses import dataclass
 
 import torch
 
+# where a fake-quantized Linear keeps its codes beside the dequantized weight (a QuantizedWeight)
+QUANTIZED_ATTRIBUTE = "slimlm_quantized"
+
 
 @dataclass(frozen=True)
 class QuantGrid:
@@ -44,8 +47,9 @@ class QuantGrid:
         if not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be in 2..8, got {self.bits}")
         if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group size must be a positive number of columns or None (per channel), "
-                             f"got {self.group_size}")
+            raise ValueError(
+                f"group size must be a positive number of columns or None (per channel), got {self.group_size}"
+            )
 
     @property
     def max_code(self) -> int:
@@ -135,10 +139,6 @@ def quantize_codes(weight: torch.Tensor, grid: QuantGrid) -> QuantizedWeight:
     scale, zero = grid_params(groups, grid)
     codes = encode(groups, scale.unsqueeze(-1), zero.unsqueeze(-1), grid)
     return QuantizedWeight(codes.reshape(weight.shape).to(torch.uint8), scale.half(), zero.to(torch.uint8), grid)
-
-
-def dequantize(quantized: QuantizedWeight) -> torch.Tensor:
-    return quantized.dequantize()
 
 
 def fake_quantize(weight: torch.Tensor, grid: QuantGrid) -> torch.Tensor:

@@ -31,8 +31,10 @@ KERNEL_OPS = {
 }
 INT4_GROUPS = (256, 128, 64, 32)  # the group widths _weight_int4pack_mm_for_cpu accepts, widest first
 KERNEL_DTYPE = torch.bfloat16
-_OPERATORS = {"int4pack": ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
-              "int8pack": ("_weight_int8pack_mm",)}
+_OPERATORS = {
+    "int4pack": ("_weight_int4pack_mm_for_cpu", "_convert_weight_to_int4pack_for_cpu"),
+    "int8pack": ("_weight_int8pack_mm",),
+}
 
 
 def available(kernel: str) -> bool:
@@ -54,8 +56,9 @@ def choose_kernel(bits: int, sym: bool, group_width: int, in_features: int, out_
     return DEQUANTIZED
 
 
-def int4pack_tensors(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                     group_width: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def int4pack_tensors(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_width: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(packed weight, scales_and_zeros [groups, out, 2] bfloat16, kernel group) for codes [out, in] in 0..15,
     scale float16 [out, groups] and zero points [out, groups]."""
     group = int4_group(group_width)

@@ -12,7 +12,7 @@ energy of the input channel j the weight multiplies, so levels go where the laye
 steps of a round can only lower the objective, so it never rises. Exact zeros (a pruned model) are clustered with
 the rest and need not stay zero: Deep Compression clusters only the weights its pruning kept.
 
-Sizes are counted as a packed format would store them (`codebook_bytes`); nothing is written packed yet.
+The share stage stores the result packed (codebook.py: float16 codebooks + b-bit indices).
 """
 
 from __future__ import annotations
@@ -23,9 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from slimlm.evaluate.footprint import _unique_parameters
-
-# where a Linear keeps its codebook and indices (non-persistent: not saved with the model)
+# where a Linear keeps its codebook and indices until the share stage packs it into a CodebookLinear
 CODEBOOK_ATTRIBUTE = "slimlm_codebook"
 
 
@@ -141,8 +139,13 @@ def lloyd(data: SortedValues, centroids: torch.Tensor, iterations: int) -> tuple
     return centroids, history
 
 
-def cluster_weight(weight: torch.Tensor, bits: int, rows_per_codebook: int | None = None,
-                   channel_energy: torch.Tensor | None = None, iterations: int = 25) -> SharedCodebook:
+def cluster_weight(
+    weight: torch.Tensor,
+    bits: int,
+    rows_per_codebook: int | None = None,
+    channel_energy: torch.Tensor | None = None,
+    iterations: int = 25,
+) -> SharedCodebook:
     """k-means of a matrix [out, in] to 2^b shared values, one codebook per `rows_per_codebook` rows (None: one for
     the whole matrix). `channel_energy` [in] weights each value's squared error by its input channel (None: equal)."""
     rows = weight.shape[0] if rows_per_codebook is None else rows_per_codebook
@@ -162,19 +165,3 @@ def store_codebook(linears: list[nn.Linear], codes: SharedCodebook) -> None:
     linears[0].weight.data.copy_(codes.dequantize().to(linears[0].weight.dtype))
     for linear in linears:
         setattr(linear, CODEBOOK_ATTRIBUTE, codes)
-
-
-def codebook_bytes(model: nn.Module) -> int:
-    """Bytes the model would take with its clustered weights stored as codebooks + b-bit indices and every other
-    tensor dense bf16; tied tensors once. A weight changed since it was clustered counts as dense."""
-    codes = {
-        id(module.weight): getattr(module, CODEBOOK_ATTRIBUTE)
-        for module in model.modules()
-        if isinstance(module, nn.Linear) and hasattr(module, CODEBOOK_ATTRIBUTE)
-    }
-    total = 0
-    for param in _unique_parameters(model):
-        shared = codes.get(id(param))
-        on_codebook = shared is not None and torch.equal(param, shared.dequantize().to(param.dtype))
-        total += shared.packed_bytes() if on_codebook else param.numel() * 2
-    return total

@@ -13,25 +13,24 @@ What is stored (buffers, saved by save_model as they are):
 The forward pass runs a real low-bit kernel where one exists for the format (kernels.py: ``int4pack``,
 ``int8pack``; bfloat16 inside, so equal to the dequantized matmul up to bfloat16 rounding) and otherwise expands
 the weight and multiplies (``dequantized``: exactly the fake-quantized Linear's output, no speedup). The module's
-``kernel`` says which; `kernel_label` sums it up for the speed records. In memory, a kernel also keeps the codes in
-its own layout beside the buffers (as many bytes again as ``qweight`` for int4pack, one byte per weight for
-int8pack); only the buffers are saved. The kernels have no backward pass: when a gradient must flow through the
-input (recovery training), the forward takes the dequantized path. QuantizedLinear is not an nn.Linear on purpose:
-code that edits Linear weights in place (pruning, quantization) must not mistake it for a dense matrix.
+``kernel`` says which; `slimlm.storage.kernel_summary` sums it up for the speed records. In memory, a kernel also
+keeps the codes in its own layout beside the buffers (as many bytes again as ``qweight`` for int4pack, one byte per
+weight for int8pack); only the buffers are saved. The kernels have no backward pass: when a gradient must flow
+through the input (recovery training), the forward takes the dequantized path. QuantizedLinear is not an nn.Linear
+on purpose: code that edits Linear weights in place (pruning, quantization) must not mistake it for a dense matrix.
 """
 
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from slimlm.quantize import kernels
-from slimlm.quantize.grid import QuantGrid, QuantizedWeight
-from slimlm.quantize.stage import QUANTIZED_ATTRIBUTE
+from slimlm.quantize.grid import QUANTIZED_ATTRIBUTE, QuantGrid, QuantizedWeight
+from slimlm.storage import StoredModule, empty_module_args, replace_linears
 
 SCALE_DTYPE = torch.float16
 
@@ -75,17 +74,29 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     return codes.view(rows, -1)[:, :in_features].to(torch.uint8)
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(StoredModule, kind="packed"):
     """y = x·Wᵀ + bias with W = Δ·(q − z) held packed (module docstring); ``kernel`` names what computes it."""
 
-    def __init__(self, in_features: int, out_features: int, grid: QuantGrid, bias: bool = False,
-                 kernel: str = "auto", device=None, dtype=None):
+    fixed_dtype_buffers = ("scales",)
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        grid: QuantGrid,
+        bias: bool = False,
+        kernel: str = "auto",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.in_features, self.out_features, self.grid = in_features, out_features, grid
         self.group_width = grid.group_width(in_features)
         groups = in_features // self.group_width
-        self.register_buffer("qweight", torch.zeros(out_features, packed_columns(in_features, grid.bits),
-                                                    dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "qweight",
+            torch.zeros(out_features, packed_columns(in_features, grid.bits), dtype=torch.uint8, device=device),
+        )
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=SCALE_DTYPE, device=device))
         zeros = None if grid.sym else torch.zeros(out_features, groups, dtype=torch.uint8, device=device)
         self.register_buffer("zeros", zeros)
@@ -94,21 +105,29 @@ class QuantizedLinear(nn.Module):
         self._kernel_tensors: tuple = ()  # the kernel's own layout of the weight; rebuilt from the buffers
 
     def _resolve_kernel(self, kernel: str) -> str:
-        best = kernels.choose_kernel(self.grid.bits, self.grid.sym, self.group_width, self.in_features,
-                                     self.out_features)
+        best = kernels.choose_kernel(
+            self.grid.bits, self.grid.sym, self.group_width, self.in_features, self.out_features
+        )
         if kernel not in ("auto", best, kernels.DEQUANTIZED):
             raise ValueError(f"kernel {kernel!r} cannot run {self.grid}; use 'auto', {best!r} or 'dequantized'")
         return best if kernel == "auto" else kernel
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, quantized: QuantizedWeight, kernel: str = "auto") -> "QuantizedLinear":
+    def from_linear(cls, linear: nn.Linear, quantized: QuantizedWeight, kernel: str = "auto") -> QuantizedLinear:
         """The packed form of a fake-quantized Linear: its codes, scales, zero points and bias."""
         grid = quantized.grid
         if grid.sym and not (quantized.zero == grid.mid_code).all():
             raise ValueError("a symmetric grid must have the zero point 2^(b-1) everywhere")
-        module = cls(linear.in_features, linear.out_features, grid, linear.bias is not None, kernel,
-                     device=linear.weight.device, dtype=linear.weight.dtype)
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            grid,
+            linear.bias is not None,
+            kernel,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+        )
         module.qweight.copy_(pack_codes(quantized.codes, grid.bits))
         module.scales.copy_(quantized.scale)
         if module.zeros is not None:
@@ -118,12 +137,40 @@ class QuantizedLinear(nn.Module):
         module.prepare_kernel()
         return module
 
+    def storage_entry(self) -> dict:
+        return {
+            "bits": self.grid.bits,
+            "group_size": self.grid.group_size,
+            "sym": self.grid.sym,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "kernel": self.kernel,
+        }
+
+    @classmethod
+    def from_entry(cls, entry: dict, current: nn.Module) -> QuantizedLinear:
+        grid = QuantGrid(entry["bits"], entry["sym"], entry["group_size"])
+        return cls(entry["in_features"], entry["out_features"], grid, entry["bias"], **empty_module_args(current))
+
+    def weights_in_buffers(self) -> int:
+        return self.in_features * self.out_features
+
+    def kernel_label(self) -> str:
+        on_cpu = self.qweight.device.type == "cpu"
+        kernel = self.kernel if on_cpu else kernels.DEQUANTIZED
+        return kernel if kernel == kernels.DEQUANTIZED else f"{kernel} ({kernels.KERNEL_OPS[kernel]})"
+
     def quantized_weight(self) -> QuantizedWeight:
         """The codes, scales and zero points as the quantization methods produce them."""
-        zero = self.zeros if self.zeros is not None else torch.full_like(self.scales, self.grid.mid_code,
-                                                                         dtype=torch.uint8)
-        return QuantizedWeight(unpack_codes(self.qweight, self.grid.bits, self.in_features), self.scales, zero,
-                               self.grid)
+        zero = (
+            self.zeros
+            if self.zeros is not None
+            else torch.full_like(self.scales, self.grid.mid_code, dtype=torch.uint8)
+        )
+        return QuantizedWeight(
+            unpack_codes(self.qweight, self.grid.bits, self.in_features), self.scales, zero, self.grid
+        )
 
     def dequantize_weight(self) -> torch.Tensor:
         """The float32 weight Δ·(q − z) [out, in]."""
@@ -137,8 +184,9 @@ class QuantizedLinear(nn.Module):
             return
         quantized = self.quantized_weight()
         if self.kernel == "int4pack":
-            self._kernel_tensors = kernels.int4pack_tensors(quantized.codes, quantized.scale, quantized.zero,
-                                                            self.group_width)
+            self._kernel_tensors = kernels.int4pack_tensors(
+                quantized.codes, quantized.scale, quantized.zero, self.group_width
+            )
         else:
             self._kernel_tensors = kernels.int8pack_tensors(quantized.codes, quantized.scale)
 
@@ -147,12 +195,7 @@ class QuantizedLinear(nn.Module):
         self.prepare_kernel()
 
     def _apply(self, fn, recurse=True):
-        # Model-wide casts (model.to(bfloat16), .half()) convert floating buffers; the scales are stored float16 and
-        # must not be rounded through another dtype, so a cast keeps the old tensor (moved, if the device changed).
-        scales = self.scales
-        super()._apply(fn, recurse)
-        if self.scales.dtype != scales.dtype:
-            self.scales = scales.to(self.scales.device)
+        super()._apply(fn, recurse)  # the float16 scales keep their dtype (fixed_dtype_buffers)
         if self.qweight.device.type != "cpu" or not self._kernel_tensors:
             self.prepare_kernel()
         return self
@@ -161,8 +204,12 @@ class QuantizedLinear(nn.Module):
         """Whether this forward runs the low-bit kernel: on CPU, and not when a gradient must flow back through x
         (torch's kernels have no backward; recovery training gets the dequantized matmul instead)."""
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        return self.kernel != kernels.DEQUANTIZED and x.device.type == "cpu" and bool(self._kernel_tensors) \
+        return (
+            self.kernel != kernels.DEQUANTIZED
+            and x.device.type == "cpu"
+            and bool(self._kernel_tensors)
             and not needs_grad
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.runs_kernel(x):
@@ -173,8 +220,10 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         group = "per channel" if self.grid.group_size is None else f"group_size={self.grid.group_size}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.grid.bits}, {group}, "
-                f"sym={self.grid.sym}, kernel={self.kernel}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.grid.bits}, {group}, "
+            f"sym={self.grid.sym}, kernel={self.kernel}"
+        )
 
 
 def quantized_linears(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
@@ -184,11 +233,16 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
 
 def pack_model(model: nn.Module, kernel: str = "auto") -> int:
     """Replace every Linear carrying codes (``slimlm_quantized``) by its QuantizedLinear; the number replaced."""
-    replaced = [(name, module) for name, module in model.named_modules()
-                if isinstance(module, nn.Linear) and hasattr(module, QUANTIZED_ATTRIBUTE)]
-    for name, linear in replaced:
-        model.set_submodule(name, QuantizedLinear.from_linear(linear, getattr(linear, QUANTIZED_ATTRIBUTE), kernel))
-    return len(replaced)
+    carriers = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and hasattr(module, QUANTIZED_ATTRIBUTE)
+    ]
+    return replace_linears(
+        model,
+        carriers,
+        lambda linear: QuantizedLinear.from_linear(linear, getattr(linear, QUANTIZED_ATTRIBUTE), kernel),
+    )
 
 
 @torch.no_grad()
@@ -198,8 +252,9 @@ def unpack_model(model: nn.Module) -> int:
     packed = quantized_linears(model)
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     for name, module in packed:
-        linear = nn.Linear(module.in_features, module.out_features, module.bias is not None,
-                           device=module.qweight.device, dtype=dtype)
+        linear = nn.Linear(
+            module.in_features, module.out_features, module.bias is not None, device=module.qweight.device, dtype=dtype
+        )
         quantized = module.quantized_weight()
         linear.weight.copy_(quantized.dequantize().to(dtype))
         if module.bias is not None:
@@ -214,19 +269,3 @@ def use_kernel(model: nn.Module, kernel: str) -> None:
     for _, module in quantized_linears(model):
         module.kernel = module._resolve_kernel(kernel)
         module.prepare_kernel()
-
-
-def kernel_label(model: nn.Module) -> str:
-    """What computes the model's Linears, for speed records: ``dense``, or each kernel with its count, a real one with
-    its operator: ``int4pack (torch._weight_int4pack_mm_for_cpu) ×210``, ``dequantized ×14``. A ``dequantized``
-    Linear expands its weight and multiplies in full precision: no low-bit speedup (the report says so)."""
-    from slimlm.quantize.smoothquant import W8A8Linear  # smoothquant needs the calibration walk; keep it lazy
-
-    counts = Counter(module.kernel if module.qweight.device.type == "cpu" else kernels.DEQUANTIZED
-                     for _, module in quantized_linears(model))
-    labels = [f"{kernel} ×{count}" if kernel == kernels.DEQUANTIZED else
-              f"{kernel} ({kernels.KERNEL_OPS[kernel]}) ×{count}" for kernel, count in sorted(counts.items())]
-    w8a8 = Counter(module.kernel for module in model.modules() if isinstance(module, W8A8Linear))
-    labels += [f"W8A8 int8×int8 (torch._int_mm) ×{count}" if kernel == "int_mm" else
-               f"W8A8 simulated in float32 ×{count}" for kernel, count in sorted(w8a8.items())]
-    return "; ".join(labels) or "dense"

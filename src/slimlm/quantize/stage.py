@@ -1,7 +1,8 @@
 """The `quantize` stage: weight-only integer quantization of the decoder Linears onto a shared grid (grid.py).
 
-A method is a function ``quantize(model, options, context)`` registered in `QUANT_METHODS` that puts every target
-Linear on the options' grid with `store_quantized`: round-to-nearest (rtn.py) needs no data, GPTQ (gptq.py) walks the
+A method is a function ``quantize(model, options, context)`` registered in `QUANT_METHODS` with its options model
+(`QuantizeOptions`, or a subclass adding the method's own settings) that puts every target Linear on the options'
+grid with `store_quantized`: round-to-nearest (rtn.py) needs no data, GPTQ (gptq.py) walks the
 calibration windows. A method leaves each Linear fake-quantized: its weight holds the dequantized values in the
 model's dtype, and the exact codes, float16 scales and zero points ride along as the attribute
 ``linear.slimlm_quantized`` (a QuantizedWeight). The stage then packs those Linears (packed.py: QuantizedLinear,
@@ -12,77 +13,60 @@ weights in place afterwards), at full size and speed.
 
 from __future__ import annotations
 
+from typing import Annotated
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import AfterValidator, Field, PositiveInt
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.modules import PROJECTIONS, decoder_layers, named_decoder_linears
-from slimlm.quantize.grid import QuantGrid, QuantizedWeight
-from slimlm.registry import MethodRegistry, StageOptions, register_stage
+from slimlm.modules import SHORT_NAMES, ProjectionName, decoder_layers, layer_projections, named_decoder_linears
+from slimlm.quantize.grid import QUANTIZED_ATTRIBUTE, QuantGrid, QuantizedWeight
+from slimlm.quantize.packed import pack_model, quantized_linears
+from slimlm.registry import (
+    DENSE,
+    FAKE_QUANTIZED,
+    PACKED,
+    TIED,
+    W8A8,
+    Kinds,
+    MethodRegistry,
+    StageOptions,
+    register_stage,
+)
+from slimlm.storage import kernel_summary
 
 # method name -> function(model, options, context) that quantizes the target Linears in place
 QUANT_METHODS = MethodRegistry()
-# target name in recipes ("q_proj") -> name inside a decoder layer ("self_attn.q_proj")
-TARGETS = {name.rsplit(".", 1)[-1]: name for name in PROJECTIONS}
-# where a Linear's codes are kept (see the module docstring)
-QUANTIZED_ATTRIBUTE = "slimlm_quantized"
-
-
 register_quant_method = QUANT_METHODS.register
 
 
-class QuantizeOptions(StageOptions):
-    method: str = "rtn"
-    bits: int = 4
-    group_size: int | None = 64  # input columns per scale; None: one scale per output channel
-    sym: bool = True
-    targets: list[str] | None = None  # projection names (q_proj ... down_proj); None: all of them
-    pack: bool = True  # replace the fake-quantized Linears by packed QuantizedLinears (see the module docstring)
-    # GPTQ settings, ignored by rtn
-    act_order: bool = False
-    damp: float = Field(0.01, gt=0, lt=1)
-    blocksize: int = Field(128, ge=1)
-    # v_proj's Hessian weighs each token by the attention it receives (quantize/value_hessian.py); False: plain XᵀX
-    attention_weighted_v: bool = True
+class Targeted(StageOptions):
+    """Options of a stage that works on some of the decoder's projections (quantize, share)."""
 
-    @field_validator("method")
-    @classmethod
-    def _known_method(cls, value: str) -> str:
-        return QUANT_METHODS.check(value)
-
-    @field_validator("bits")
-    @classmethod
-    def _bits_range(cls, value: int) -> int:
-        if not 2 <= value <= 8:
-            raise ValueError("must be in 2..8")
-        return value
-
-    @field_validator("group_size")
-    @classmethod
-    def _positive_group(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError("must be a positive number of input columns, or null for one scale per output channel")
-        return value
-
-    @field_validator("targets")
-    @classmethod
-    def _known_targets(cls, value: list[str] | None) -> list[str] | None:
-        unknown = [name for name in value or [] if name not in TARGETS]
-        if unknown:
-            raise ValueError(f"unknown projection {', '.join(repr(n) for n in unknown)}; known: {', '.join(TARGETS)}")
-        if value is not None and not value:
-            raise ValueError(f"name at least one projection, or leave it out for all; known: {', '.join(TARGETS)}")
-        return value
-
-    def grid(self) -> QuantGrid:
-        return QuantGrid(self.bits, self.sym, self.group_size)
+    targets: list[ProjectionName] | None = Field(None, min_length=1)  # q_proj ... down_proj; None: all of them
 
     def layer_targets(self) -> list[str]:
         """The targets as names inside a decoder layer (``self_attn.q_proj``), in execution order."""
-        chosen = set(self.targets or TARGETS)
-        return [TARGETS[short] for short in TARGETS if short in chosen]
+        return layer_projections(self.targets)
+
+
+class QuantizeTargets(Targeted):
+    """What every quantization method takes: the method and the projections it quantizes."""
+
+    method: Annotated[str, AfterValidator(QUANT_METHODS.check)] = "rtn"
+
+
+class QuantizeOptions(QuantizeTargets):
+    """Options of the weight-only methods on the shared grid (rtn's; gptq.py and awq.py add their own)."""
+
+    bits: int = Field(4, ge=2, le=8)
+    group_size: PositiveInt | None = 64  # input columns per scale; None: one scale per output channel
+    sym: bool = True
+    pack: bool = True  # replace the fake-quantized Linears by packed QuantizedLinears (see the module docstring)
+
+    def grid(self) -> QuantGrid:
+        return QuantGrid(self.bits, self.sym, self.group_size)
 
 
 def target_linears(model, options: QuantizeOptions) -> list[tuple[str, nn.Linear]]:
@@ -111,8 +95,10 @@ def _check_finite(model, options: QuantizeOptions) -> None:
     """Every tensor of the decoder layers (weights, scales, whatever module a method put there) must be finite."""
     for name, tensor in decoder_layers(model).state_dict(prefix="model.layers.").items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise SlimlmError(f"quantize ({options.method}): {name} has non-finite (NaN/Inf) values after "
-                              "quantization; check the original weights and calibration data")
+            raise SlimlmError(
+                f"quantize ({options.method}): {name} has non-finite (NaN/Inf) values after "
+                "quantization; check the original weights and calibration data"
+            )
     for name, linear in target_linears(model, options):
         quantized = getattr(linear, QUANTIZED_ATTRIBUTE, None)
         if quantized is not None and not torch.isfinite(quantized.scale.float()).all():
@@ -122,15 +108,16 @@ def _check_finite(model, options: QuantizeOptions) -> None:
 def _rounding_note(targets: list[tuple[str, nn.Linear]]) -> str | None:
     """Float16/bfloat16 cannot hold every Δ·(q − z) exactly: say so when the stored weights left the grid."""
     off_grid = sum(
-        int((linear.weight.float() != getattr(linear, QUANTIZED_ATTRIBUTE).dequantize()).sum())
-        for _, linear in targets
+        int((linear.weight.float() != getattr(linear, QUANTIZED_ATTRIBUTE).dequantize()).sum()) for _, linear in targets
     )
     total = sum(linear.weight.numel() for _, linear in targets)
     if not off_grid:
         return None
     dtype = str(targets[0][1].weight.dtype).removeprefix("torch.")
-    return (f"quantize: {off_grid / total:.2%} of the dequantized weights were rounded to {dtype} and sit slightly off "
-            "the grid; the kept codes are exact")
+    return (
+        f"quantize: {off_grid / total:.2%} of the dequantized weights were rounded to {dtype} and sit slightly off "
+        "the grid; the kept codes are exact"
+    )
 
 
 def _quantization_note(options: QuantizeOptions, count: int) -> str:
@@ -138,7 +125,7 @@ def _quantization_note(options: QuantizeOptions, count: int) -> str:
     return (
         f"quantize: {options.method}, {options.bits}-bit "
         f"{'symmetric (ggml Q4_0/Q8_0 scale rule)' if options.sym else 'asymmetric (integer zero point)'}, "
-        f"{granularity}, targets {', '.join(options.targets or TARGETS)} ({count} Linears; embeddings, norms "
+        f"{granularity}, targets {', '.join(options.targets or SHORT_NAMES)} ({count} Linears; embeddings, norms "
         "and the LM head stay as they were)."
     )
 
@@ -146,25 +133,40 @@ def _quantization_note(options: QuantizeOptions, count: int) -> str:
 def _storage_note(model, options: QuantizeOptions) -> str:
     """Pack the fake-quantized Linears (unless `pack: false`) and say what is stored and what computes them."""
     if not options.pack:
-        return ("quantize: not packed (pack: false): the weights are stored dequantized in the model's dtype, so the "
-                "file is no smaller and inference no faster; quality figures are those of the quantized model.")
-    from slimlm.quantize.packed import kernel_label, pack_model, quantized_linears  # packed.py imports this module
-
+        return (
+            "quantize: not packed (pack: false): the weights are stored dequantized in the model's dtype, so the "
+            "file is no smaller and inference no faster; quality figures are those of the quantized model."
+        )
     count = pack_model(model)
     used = {module.kernel for _, module in quantized_linears(model)}
     runs = []
     if used - {"dequantized"}:
-        runs.append("the low-bit kernels take bfloat16 activations, scales and outputs, so quality figures include "
-                    "that rounding")
+        runs.append(
+            "the low-bit kernels take bfloat16 activations, scales and outputs, so quality figures include "
+            "that rounding"
+        )
     if "dequantized" in used:
         runs.append("a dequantized Linear expands its weight before a full-precision matmul: no low-bit speedup")
     zeros = "" if options.sym else " and uint8 zero points"
-    return (f"quantize: packed {count} Linears: {options.bits}-bit codes bit-packed into uint8, float16 scales{zeros}; "
-            "the saved folder holds these tensors (config.json section slimlm_quantization), so the size on disk is "
-            f"the packed size. Matmul: {kernel_label(model)}; {'; '.join(runs)}.")
+    return (
+        f"quantize: packed {count} Linears: {options.bits}-bit codes bit-packed into uint8, float16 scales{zeros}; "
+        "the saved folder holds these tensors (config.json section slimlm_storage), so the size on disk is "
+        f"the packed size. Matmul: {kernel_summary(model)}; {'; '.join(runs)}."
+    )
 
 
-@register_stage("quantize", QuantizeOptions)
+def _accepts(options: QuantizeOptions) -> Kinds:
+    # re-rounding a tied tensor onto the grid is idempotent; a calibrated method would solve it once per layer
+    return frozenset({DENSE, TIED}) if options.method == "rtn" else frozenset({DENSE})
+
+
+def _produces(options: QuantizeOptions) -> Kinds:
+    if options.method == "smoothquant":
+        return frozenset({W8A8})
+    return frozenset({PACKED if options.pack else FAKE_QUANTIZED})
+
+
+@register_stage("quantize", QuantizeOptions, QUANT_METHODS, accepts=_accepts, produces=_produces)
 def quantize(model, options: QuantizeOptions, context):
     """Weight-only integer quantization of the decoder Linears (round-to-nearest or GPTQ), per group or channel."""
     targets = target_linears(model, options)

@@ -13,9 +13,9 @@ merge=mean sets the shared tensor to the mean of the group's weights. No tensor 
 weights are tied; biases (Qwen2's q/k/v) stay per layer. Distances are measured once, before any tying.
 
 Ties are recorded as ``model.config.slimlm_tied_parameters = {target: source}`` (full parameter names, every target
-pointing at its group's first tensor) so that `retie_parameters` restores them after a reload, and so that
-`untied_state_dict` can leave the targets out of the saved file (transformers refuses to save shared tensors its
-model class does not declare as tied).
+pointing at its group's first tensor) so that `slimlm.storage.retie` restores them after a reload, and so that
+`slimlm.storage.untied_state_dict` can leave the targets out of the saved file (transformers refuses to save shared
+tensors its model class does not declare as tied).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from torch import nn
 
 from slimlm.errors import SlimlmError
 from slimlm.modules import decoder_layers, layer_linears
+from slimlm.quantize.grid import QUANTIZED_ATTRIBUTE
 from slimlm.quantize.kmeans import CODEBOOK_ATTRIBUTE
-from slimlm.quantize.stage import QUANTIZED_ATTRIBUTE
+from slimlm.storage import TIED_KEY
 
-TIED_PARAMETERS_KEY = "slimlm_tied_parameters"
 # codes describing a Linear's weight: after a tie they must be the shared tensor's or none
 _CODE_ATTRIBUTES = (CODEBOOK_ATTRIBUTE, QUANTIZED_ATTRIBUTE)
 
@@ -82,8 +82,9 @@ def adjacent_similarities(model: nn.Module, projections: list[str]) -> list[Pair
     return pairs
 
 
-def select_pairs(pairs: list[PairSimilarity], threshold: float | None = None,
-                 count: int | None = None) -> list[PairSimilarity]:
+def select_pairs(
+    pairs: list[PairSimilarity], threshold: float | None = None, count: int | None = None
+) -> list[PairSimilarity]:
     """The pairs closer than `threshold`, or the `count` closest (ties broken by position in the model)."""
     if threshold is not None:
         return [pair for pair in pairs if pair.distance < threshold]
@@ -114,7 +115,7 @@ def _share_codes(source: nn.Linear, users: list[nn.Linear], keep: bool) -> None:
 
 def _root(model: nn.Module, name: str) -> str:
     """The name a tie must point at: the source of an earlier tie if `name` is itself a target."""
-    return (getattr(model.config, TIED_PARAMETERS_KEY, None) or {}).get(name, name)
+    return (getattr(model.config, TIED_KEY, None) or {}).get(name, name)
 
 
 @torch.no_grad()
@@ -131,45 +132,25 @@ def tie_group(model: nn.Module, projection: str, layers: list[int], merge: str) 
     if merge == "mean":
         merged = torch.stack([originals[i] for i in layers]).mean(dim=0)
         if not torch.isfinite(merged).all():
-            raise SlimlmError(f"share (tie_layers): the mean of {weight_name(layers[0], projection)} and its group "
-                              "has non-finite (NaN/Inf) values; check the original weights")
+            raise SlimlmError(
+                f"share (tie_layers): the mean of {weight_name(layers[0], projection)} and its group "
+                "has non-finite (NaN/Inf) values; check the original weights"
+            )
         source.weight.data.copy_(merged.to(source.weight.dtype))
     source_name = _root(model, weight_name(layers[0], projection))
-    tied = dict(getattr(model.config, TIED_PARAMETERS_KEY, None) or {})
+    tied = dict(getattr(model.config, TIED_KEY, None) or {})
     for index in members:
         all_linears[index].weight = source.weight
         if weight_name(index, projection) != source_name:
             tied[weight_name(index, projection)] = source_name
-    setattr(model.config, TIED_PARAMETERS_KEY, tied)
+    setattr(model.config, TIED_KEY, tied)
     _share_codes(source, [all_linears[i] for i in members], keep=merge == "first")
     shared = source.weight.detach().float()
-    return [TiedMember(weight_name(i, projection), source_name,
-                       float((shared - originals[i]).norm() / originals[i].norm().clamp(min=1e-30)))
-            for i in members]
-
-
-def retie_parameters(model: nn.Module) -> int:
-    """Re-establish the ties recorded in the config on a freshly loaded model; returns how many were made."""
-    tied = getattr(model.config, TIED_PARAMETERS_KEY, None) or {}
-    for target, source in tied.items():
-        try:
-            module_name, attribute = target.rsplit(".", 1)
-            module, shared = model.get_submodule(module_name), model.get_parameter(source)
-        except (AttributeError, ValueError) as err:
-            raise SlimlmError(f"config {TIED_PARAMETERS_KEY}: {target} -> {source} names no parameter of the "
-                              f"model ({err})") from err
-        if getattr(module, attribute).shape != shared.shape:
-            raise SlimlmError(f"config {TIED_PARAMETERS_KEY}: {target} has shape "
-                              f"{tuple(getattr(module, attribute).shape)}, {source} {tuple(shared.shape)}")
-        setattr(module, attribute, shared)
-    return len(tied)
-
-
-def untied_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
-    """The state dict without the tie targets (each tied tensor saved once, under its source's name), for
-    ``save_pretrained(state_dict=...)``: transformers refuses shared tensors its model class does not declare tied.
-    None when nothing is tied (save_pretrained then takes the whole state dict itself)."""
-    tied = getattr(model.config, TIED_PARAMETERS_KEY, None) or {}
-    if not tied:
-        return None
-    return {name: tensor for name, tensor in model.state_dict().items() if name not in tied}
+    return [
+        TiedMember(
+            weight_name(i, projection),
+            source_name,
+            float((shared - originals[i]).norm() / originals[i].norm().clamp(min=1e-30)),
+        )
+        for i in members
+    ]

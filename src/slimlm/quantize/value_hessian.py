@@ -15,11 +15,13 @@ and GPTQ solves each KV head's rows of v_proj with its own Hessian (rows are ind
 from __future__ import annotations
 
 import sys
+from contextlib import suppress
 
 import torch
 from torch import nn
 
 from slimlm.calibrate import LayerInputs
+from slimlm.modules import ATTENTION, KEY, QUERY
 
 _QUERY_BLOCK = 256
 
@@ -29,37 +31,46 @@ def _rotary(attention: nn.Module):
     return getattr(sys.modules.get(type(attention).__module__), "apply_rotary_pos_emb", None)
 
 
-def received_attention(attention: nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+def received_attention(layer: nn.Module, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
     """Attention received by every token, [batch, kv_heads, seq]: causal softmax(q·kᵀ·scaling) summed over the
-    queries, averaged over the query heads of each KV head."""
+    queries, averaged over the query heads of each KV head (`hidden`: the input of the layer's attention)."""
+    attention = layer.get_submodule(ATTENTION)
     batch, length, _ = hidden.shape
     head_dim, groups = attention.head_dim, attention.num_key_value_groups
-    query = attention.q_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
-    key = attention.k_proj(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    query = layer.get_submodule(QUERY)(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
+    key = layer.get_submodule(KEY)(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     query, key = _rotary(attention)(query, key, *position_embeddings)
     key = key.repeat_interleave(groups, dim=1).float().transpose(2, 3)
     received = torch.zeros(batch, key.shape[1], length, device=hidden.device)
     positions = torch.arange(length, device=hidden.device)
     for start in range(0, length, _QUERY_BLOCK):  # blocks of queries keep the score tensor small
-        rows = positions[start:start + _QUERY_BLOCK]
+        rows = positions[start : start + _QUERY_BLOCK]
         scores = (query[:, :, rows].float() @ key) * attention.scaling
         future = positions[None, :] > rows[:, None]
         received += scores.masked_fill(future, float("-inf")).softmax(dim=-1).sum(dim=2)
     return received.view(batch, -1, groups, length).mean(dim=2)
 
 
-def supports_value_weighting(attention: nn.Module) -> bool:
-    needed = ("q_proj", "k_proj", "head_dim", "num_key_value_groups", "scaling")
-    return all(hasattr(attention, name) for name in needed) and _rotary(attention) is not None
+def supports_value_weighting(layer: nn.Module) -> bool:
+    """Whether the layer's attention module exposes what `received_attention` recomputes the attention from."""
+    attention = layer.get_submodule(ATTENTION)
+    needed = ("head_dim", "num_key_value_groups", "scaling")
+    modules = dict(layer.named_modules())
+    return (
+        all(hasattr(attention, name) for name in needed)
+        and _rotary(attention) is not None
+        and QUERY in modules
+        and KEY in modules
+    )
 
 
 @torch.no_grad()
 def value_hessians(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] | None:
     """One Hessian 2/n·Σ_t m_gt·x_t·x_tᵀ per KV head g of the layer's v_proj (None when the attention module is not
     one we can recompute: the caller then uses the plain Hessian and says so)."""
-    attention = layer.self_attn
-    if not supports_value_weighting(attention):
+    if not supports_value_weighting(layer):
         return None
+    attention = layer.get_submodule(ATTENTION)
     total: torch.Tensor | int = 0  # [kv_heads, in, in] once the first batch is seen
     count = 0
 
@@ -68,7 +79,7 @@ def value_hessians(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] 
         hidden = (args[0] if args else kwargs["hidden_states"]).detach()
         if kwargs.get("position_embeddings") is None:
             raise _Unsupported
-        weights = received_attention(attention, hidden, kwargs["position_embeddings"])  # [batch, heads, seq]
+        weights = received_attention(layer, hidden, kwargs["position_embeddings"])  # [batch, heads, seq]
         x = hidden.float()
         total = total + torch.einsum("bgt,bti,btj->gij", weights, x, x)
         count += x.shape[0] * x.shape[1]
@@ -77,10 +88,8 @@ def value_hessians(layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] 
     handle = attention.register_forward_pre_hook(observe, with_kwargs=True)
     try:
         for hidden in inputs.hidden:
-            try:
+            with suppress(_Observed):
                 layer(hidden, **inputs.kwargs)
-            except _Observed:
-                pass
     except _Unsupported:
         return None
     finally:

@@ -85,5 +85,12 @@ def load_latest_checkpoint(accelerator, root: Path, **load_kwargs) -> Path | Non
     return folder
 
 
+def remove_checkpoints_from(root: Path, step: int) -> None:
+    """Checkpoints of `step` and later (main process only): weights known to be bad."""
+    for saved, folder in completed_checkpoints(root):
+        if saved >= step:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def remove_checkpoints(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)

@@ -19,11 +19,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from slimlm.modules import named_decoder_linears
-from slimlm.quantize.grid import QuantGrid, fake_quantize_ste, quantize_codes
+from slimlm.modules import named_decoder_linears, short_name
+from slimlm.quantize.grid import QUANTIZED_ATTRIBUTE, QuantGrid, fake_quantize_ste, quantize_codes
 
 MIN_SPARSITY = 0.01
-QUANTIZED_ATTRIBUTE = "slimlm_quantized"  # as slimlm.quantize.stage: the codes ride beside the dequantized weight
 
 
 class FakeQuantize(nn.Module):
@@ -39,8 +38,11 @@ class FakeQuantize(nn.Module):
 
 def qat_targets(model: nn.Module, targets: list[str] | None) -> list[tuple[str, nn.Linear]]:
     """Decoder Linears whose short name (q_proj ... down_proj) is in targets (all when None)."""
-    return [(name, linear) for name, linear in named_decoder_linears(model)
-            if targets is None or name.rsplit(".", 1)[-1] in targets]
+    return [
+        (name, linear)
+        for name, linear in named_decoder_linears(model)
+        if targets is None or short_name(name) in targets
+    ]
 
 
 def attach_fake_quantization(linears: list[tuple[str, nn.Linear]], grid: QuantGrid) -> None:

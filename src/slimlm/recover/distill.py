@@ -12,7 +12,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+)
 from torch import nn
 
 from slimlm.errors import SlimlmError
@@ -23,49 +32,30 @@ from slimlm.recover.checkpoint import remove_checkpoints
 from slimlm.recover.data import WindowOrder, packed_windows
 from slimlm.recover.layers import matching_head_pairs, resolve_layer_map
 from slimlm.recover.objectives import DistillObjective, LossWeights
-from slimlm.recover.options import QatOptions, TrainingOptions, fraction, non_negative, positive, stage_folder
+from slimlm.recover.options import QatOptions, TrainingOptions, stage_folder
 from slimlm.recover.teacher import Teachers, TopKCache, cache_key, frozen
 from slimlm.recover.trainer import train
-from slimlm.registry import register_stage
+from slimlm.registry import FAKE_QUANTIZED, MODULE_KINDS, W8A8, register_stage
 from slimlm.streaming import require_materialized
 
 
 class TeacherSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str = "original"  # 'original' (the pipeline's uncompressed model) or a model folder / .gguf / hub id
-    weight: float = 1.0
-
-    @field_validator("weight")
-    @classmethod
-    def _weight(cls, value: float) -> float:
-        return positive(value)
-
-
-class DistillLoss(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kl: float = 1.0
-    reverse_kl: float = 0.0
-    jsd: float = 0.0
-    hidden: float = 0.0
-    attention: float = 0.0
-    lm: float = 0.0
-
-    @field_validator("*")
-    @classmethod
-    def _weights(cls, value: float) -> float:
-        return non_negative(value)
+    weight: PositiveFloat = 1.0
 
 
 class DistillOptions(TrainingOptions):
     teacher: list[TeacherSpec] = Field(default_factory=lambda: [TeacherSpec()])
-    loss: DistillLoss = Field(default_factory=DistillLoss)
-    temperature: float = 1.0
-    jsd_beta: float = 0.5
+    loss: LossWeights = Field(default_factory=LossWeights)
+    temperature: PositiveFloat = 1.0
+    jsd_beta: float = Field(0.5, ge=0, le=1)
     hidden_metric: Literal["mse", "cosine"] = "mse"
-    on_policy: float = 0.0  # fraction of micro-batches sampled from the student (GKD's λ)
-    layer_map: list[int] | None = None  # teacher layer of each student layer (hidden/attention losses)
+    on_policy: float = Field(0.0, ge=0, le=1)  # fraction of micro-batches sampled from the student (GKD's λ)
+    layer_map: list[NonNegativeInt] | None = None  # teacher layer of each student layer (hidden/attention losses)
     qat: QatOptions | None = None
-    teacher_topk: int | None = None  # cache the teacher's top-k log-probs on disk instead of running it each step
+    # cache the teacher's top-k log-probs on disk instead of running it each step
+    teacher_topk: PositiveInt | None = None
 
     @field_validator("teacher", mode="before")
     @classmethod
@@ -78,26 +68,9 @@ class DistillOptions(TrainingOptions):
 
     @field_validator("loss")
     @classmethod
-    def _some_loss(cls, value: DistillLoss) -> DistillLoss:
-        if not any(vars(value).values()):
+    def _some_loss(cls, value: LossWeights) -> LossWeights:
+        if not value.active():
             raise ValueError("every loss weight is 0; give at least one a positive weight")
-        return value
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, value: float) -> float:
-        return positive(value)
-
-    @field_validator("jsd_beta", "on_policy")
-    @classmethod
-    def _fractions(cls, value: float) -> float:
-        return fraction(value)
-
-    @field_validator("layer_map")
-    @classmethod
-    def _indices(cls, value: list[int] | None) -> list[int] | None:
-        if value is not None and any(index < 0 for index in value):
-            raise ValueError("layer indices must be >= 0")
         return value
 
     @field_validator("teacher_topk")
@@ -105,12 +78,12 @@ class DistillOptions(TrainingOptions):
     def _cache_needs_logits_only(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is None:
             return value
-        if value < 1:
-            raise ValueError("must be at least 1")
         loss = info.data.get("loss")
         if info.data.get("on_policy") or (loss is not None and (loss.hidden or loss.attention)):
-            raise ValueError("the cache holds the teacher's logits only; on_policy, loss.hidden and loss.attention "
-                             "need the live teacher")
+            raise ValueError(
+                "the cache holds the teacher's logits only; on_policy, loss.hidden and loss.attention "
+                "need the live teacher"
+            )
         return value
 
 
@@ -132,8 +105,10 @@ def load_teachers(specs: list[TeacherSpec], context, student: nn.Module) -> Teac
             models.append(load_model(spec.model, _dtype_name(student)).model)
         teacher_vocab, student_vocab = models[-1].config.vocab_size, student.config.vocab_size
         if teacher_vocab != student_vocab:
-            raise SlimlmError(f"distill.teacher: {spec.model} has a vocabulary of {teacher_vocab} tokens, the student "
-                              f"{student_vocab}; their distributions cannot be compared")
+            raise SlimlmError(
+                f"distill.teacher: {spec.model} has a vocabulary of {teacher_vocab} tokens, the student "
+                f"{student_vocab}; their distributions cannot be compared"
+            )
     return Teachers(models, [spec.weight for spec in specs])
 
 
@@ -146,11 +121,16 @@ def _layer_pairs(student, teachers: Teachers, options: DistillOptions, notes: li
     pairs = list(enumerate(layer_map))
     attention_pairs = matching_head_pairs(student, teachers.first, layer_map) if options.loss.attention else []
     if options.loss.attention and not attention_pairs:
-        raise SlimlmError("distill.loss.attention: no mapped layer pair has the same number of attention heads in "
-                          "student and teacher; set it to 0 or change layer_map")
-    notes.append(f"distill: layer map student→teacher {layer_map} ({how}); attention transfer on "
-                 f"{len(attention_pairs)} of {len(pairs)} pairs" if options.loss.attention else
-                 f"distill: layer map student→teacher {layer_map} ({how})")
+        raise SlimlmError(
+            "distill.loss.attention: no mapped layer pair has the same number of attention heads in "
+            "student and teacher; set it to 0 or change layer_map"
+        )
+    notes.append(
+        f"distill: layer map student→teacher {layer_map} ({how}); attention transfer on "
+        f"{len(attention_pairs)} of {len(pairs)} pairs"
+        if options.loss.attention
+        else f"distill: layer map student→teacher {layer_map} ({how})"
+    )
     return pairs, attention_pairs
 
 
@@ -169,8 +149,10 @@ def _attach_qat(student, options: DistillOptions):
     linears = constraints.qat_targets(student, options.qat.targets)
     for name, linear in linears:
         if options.qat.group_size is not None and linear.in_features % options.qat.group_size:
-            raise SlimlmError(f"distill.qat.group_size: {options.qat.group_size} does not divide the "
-                              f"{linear.in_features} input features of {name}; use a divisor or null")
+            raise SlimlmError(
+                f"distill.qat.group_size: {options.qat.group_size} does not divide the "
+                f"{linear.in_features} input features of {name}; use a divisor or null"
+            )
     constraints.attach_fake_quantization(linears, grid)
     return linears, grid
 
@@ -182,22 +164,45 @@ def _teacher_cache(teachers: Teachers, windows, options: DistillOptions, folder,
     order = WindowOrder(len(windows), options.batch_size, options.seed)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     window_ids = order.windows_visited(options.steps * options.grad_accum, world)
-    key = cache_key([t.model for t in options.teacher], teachers.weights, options.temperature,
-                    options.teacher_topk, windows, window_ids)
+    key = cache_key(
+        [t.model for t in options.teacher],
+        teachers.weights,
+        options.temperature,
+        options.teacher_topk,
+        windows,
+        window_ids,
+    )
     path = folder.parent / "teacher-cache" / f"top{options.teacher_topk}-{key}.pt"
     if not path.is_file():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with frozen(teachers.models, device=device):
-            TopKCache.build(path, teachers, windows, window_ids, options.temperature, options.teacher_topk,
-                            options.batch_size, device)
-        notes.append(f"distill: teacher top-{options.teacher_topk} cache written for {len(window_ids)} windows "
-                     f"({path.stat().st_size / 2**20:.1f} MiB): {path}")
+            TopKCache.build(
+                path,
+                teachers,
+                windows,
+                window_ids,
+                options.temperature,
+                options.teacher_topk,
+                options.batch_size,
+                device,
+            )
+        notes.append(
+            f"distill: teacher top-{options.teacher_topk} cache written for {len(window_ids)} windows "
+            f"({path.stat().st_size / 2**20:.1f} MiB): {path}"
+        )
     else:
         notes.append(f"distill: teacher top-{options.teacher_topk} cache reused: {path}")
     return TopKCache(path, teachers.first.config.vocab_size)
 
 
-@register_stage("distill", DistillOptions)
+# packed/codebook weights are buffers: training leaves them on their grid and trains everything else; W8A8's integer
+# matmul has no gradient
+@register_stage(
+    "distill",
+    DistillOptions,
+    accepts=MODULE_KINDS - {W8A8},
+    produces=lambda o: frozenset({FAKE_QUANTIZED} if o.qat else set()),
+)
 def distill(model, options: DistillOptions, context):
     """Knowledge distillation from the original (KL / reverse KL / JSD, hidden, attention, on-policy, QAT)."""
     require_materialized(model, "distillation")
@@ -214,18 +219,35 @@ def distill(model, options: DistillOptions, context):
     cache = _teacher_cache(teachers, windows, options, folder, notes) if options.teacher_topk else None
     objective = DistillObjective(
         None if cache is not None else teachers,
-        LossWeights(**vars(options.loss)), options.temperature, options.jsd_beta, pairs, attention_pairs,
-        options.hidden_metric, _projection(model, teachers.first, options), options.on_policy, options.seed, cache)
+        options.loss,
+        options.temperature,
+        options.jsd_beta,
+        pairs,
+        attention_pairs,
+        options.hidden_metric,
+        _projection(model, teachers.first, options),
+        options.on_policy,
+        options.seed,
+        cache,
+    )
     live = [] if cache is not None else teachers.models
     with frozen(live, eager_attention=bool(options.loss.attention)):
-        result = train(model, windows, objective, options.train_config("distill"), folder,
-                       after_step=masks.apply if masks else None)
+        result = train(
+            model,
+            windows,
+            objective,
+            options.train_config("distill"),
+            folder,
+            after_step=masks.apply if masks else None,
+        )
     model = result.model
     if qat_linears:
         constraints.detach_fake_quantization(qat_linears, grid)
     elif constraints.drop_stale_codes(model):
-        notes.append("distill: weights changed after quantization; the stored codes were dropped (re-run quantize "
-                     "to pack, or use qat to train on the grid)")
+        notes.append(
+            "distill: weights changed after quantization; the stored codes were dropped (re-run quantize "
+            "to pack, or use qat to train on the grid)"
+        )
     if options.loss.attention and attention_kernel:
         model.set_attn_implementation(attention_kernel)
     model.to(start_device)
@@ -239,15 +261,19 @@ def _loss(value: float | None) -> str:
 
 
 def _report(notes, options: DistillOptions, result, windows, masks, qat_linears) -> None:
-    active = {name: weight for name, weight in vars(options.loss).items() if weight}
+    active = options.loss.active()
     teachers = ", ".join(f"{t.model}×{t.weight:g}" for t in options.teacher)
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from is not None else ""
-    notes.append(f"distill: {result.steps} steps × {options.batch_size}×{options.grad_accum} windows of "
-                 f"{options.seq_len} tokens from {options.data} ({len(windows)} packed windows){resumed}; "
-                 f"teacher {teachers}; losses {active}, τ={options.temperature:g}, on-policy λ={options.on_policy:g}; "
-                 f"loss {_loss(result.first_loss)} → {_loss(result.last_loss)}; metrics: {result.metrics_path}")
+    notes.append(
+        f"distill: {result.steps} steps × {options.batch_size}×{options.grad_accum} windows of "
+        f"{options.seq_len} tokens from {options.data} ({len(windows)} packed windows){resumed}; "
+        f"teacher {teachers}; losses {active}, τ={options.temperature:g}, on-policy λ={options.on_policy:g}; "
+        f"loss {_loss(result.first_loss)} → {_loss(result.last_loss)}; metrics: {result.metrics_path}"
+    )
     if masks:
         notes.append(f"distill: pruning masks kept on {len(masks)} Linears ({masks.sparsity():.1%} zeros)")
     if qat_linears:
-        notes.append(f"distill: QAT on {len(qat_linears)} Linears ({options.qat.bits}-bit, group "
-                     f"{options.qat.group_size}, {'sym' if options.qat.sym else 'asym'}); the weights end on the grid")
+        notes.append(
+            f"distill: QAT on {len(qat_linears)} Linears ({options.qat.bits}-bit, group "
+            f"{options.qat.group_size}, {'sym' if options.qat.sym else 'asym'}); the weights end on the grid"
+        )

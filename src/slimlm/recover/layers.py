@@ -14,13 +14,13 @@ on their ``self_attn`` modules (the attention probabilities, which only eager at
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.modules import decoder_layers
+from slimlm.modules import ATTENTION, decoder_layers, query_head_count
 
 KEPT_LAYERS_ATTRIBUTE = "slimlm_kept_layers"
 
@@ -40,24 +40,36 @@ def uniform_layer_map(student_depth: int, teacher_depth: int) -> list[int]:
 def check_layer_map(layer_map: list[int], student_depth: int, teacher_depth: int, where: str) -> list[int]:
     """A one-line SlimlmError naming `where` unless the map gives every student layer a teacher layer."""
     if len(layer_map) != student_depth:
-        raise SlimlmError(f"{where}: has {len(layer_map)} entries but the student has {student_depth} layers; "
-                          "give one teacher layer per student layer")
+        raise SlimlmError(
+            f"{where}: has {len(layer_map)} entries but the student has {student_depth} layers; "
+            "give one teacher layer per student layer"
+        )
     bad = [index for index in layer_map if not 0 <= index < teacher_depth]
     if bad:
-        raise SlimlmError(f"{where}: {bad[0]} is not a teacher layer; the teacher has {teacher_depth} layers "
-                          f"(0..{teacher_depth - 1})")
+        raise SlimlmError(
+            f"{where}: {bad[0]} is not a teacher layer; the teacher has {teacher_depth} layers (0..{teacher_depth - 1})"
+        )
     return list(layer_map)
 
 
-def resolve_layer_map(student: nn.Module, teacher_depth: int, explicit: list[int] | None,
-                      teacher_is_original: bool, where: str = "distill.layer_map") -> tuple[list[int], str]:
+def resolve_layer_map(
+    student: nn.Module,
+    teacher_depth: int,
+    explicit: list[int] | None,
+    teacher_is_original: bool,
+    where: str = "distill.layer_map",
+) -> tuple[list[int], str]:
     """The layer map and how it was chosen (for the report)."""
     student_depth = len(decoder_layers(student))
     if explicit is not None:
         return check_layer_map(explicit, student_depth, teacher_depth, where), "explicit layer_map"
     kept = getattr(student.config, KEPT_LAYERS_ATTRIBUTE, None)
-    if teacher_is_original and isinstance(kept, (list, tuple)) and len(kept) == student_depth \
-            and all(0 <= k < teacher_depth for k in kept):
+    if (
+        teacher_is_original
+        and isinstance(kept, (list, tuple))
+        and len(kept) == student_depth
+        and all(0 <= k < teacher_depth for k in kept)
+    ):
         return [int(k) for k in kept], f"config.{KEPT_LAYERS_ATTRIBUTE} (the layers depth pruning kept)"
     if student_depth == teacher_depth:
         return list(range(student_depth)), "identity (equal depths)"
@@ -77,13 +89,14 @@ def captured_layers(model: nn.Module, indices: list[int], hidden: bool, attentio
                 found[kind][index] = output[1]
             else:
                 found[kind][index] = output[0] if isinstance(output, tuple) else output
+
         return hook
 
     for index in sorted(set(indices)):
         if hidden:
             handles.append(layers[index].register_forward_hook(keep("hidden", index, False)))
         if attention:
-            handles.append(layers[index].self_attn.register_forward_hook(keep("attention", index, True)))
+            handles.append(layers[index].get_submodule(ATTENTION).register_forward_hook(keep("attention", index, True)))
     try:
         yield found
     finally:
@@ -92,8 +105,7 @@ def captured_layers(model: nn.Module, indices: list[int], hidden: bool, attentio
 
 
 def attention_heads(model: nn.Module, index: int) -> int:
-    attention = decoder_layers(causal_lm(model))[index].self_attn
-    return attention.q_proj.out_features // attention.head_dim
+    return query_head_count(decoder_layers(causal_lm(model))[index])
 
 
 def matching_head_pairs(student: nn.Module, teacher: nn.Module, layer_map: list[int]) -> list[tuple[int, int]]:

@@ -15,61 +15,43 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, PositiveFloat, PositiveInt
 
+from slimlm.modules import SHORT_NAMES, ProjectionName
 from slimlm.recover import constraints
 from slimlm.recover.checkpoint import remove_checkpoints
 from slimlm.recover.data import packed_windows
 from slimlm.recover.distill import TeacherSpec, load_teachers
 from slimlm.recover.objectives import DistillObjective, LanguageModelObjective, LossWeights
-from slimlm.recover.options import PROJECTION_NAMES, TrainingOptions, known_projections, positive, stage_folder
+from slimlm.recover.options import TrainingOptions, stage_folder
 from slimlm.recover.teacher import frozen
 from slimlm.recover.trainer import train
-from slimlm.registry import register_stage
+from slimlm.registry import DENSE, FAKE_QUANTIZED, register_stage
 from slimlm.streaming import require_materialized
 
 
 class LoraOptions(TrainingOptions):
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    targets: list[str] = list(PROJECTION_NAMES)
+    rank: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[ProjectionName] = Field(default_factory=lambda: list(SHORT_NAMES), min_length=1)
     loss: Literal["lm", "kd"] = "lm"
     teacher: str = "original"  # for loss: kd
-    temperature: float = 1.0  # for loss: kd
-    lr: float = 1e-4
-
-    @field_validator("rank")
-    @classmethod
-    def _rank(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be at least 1")
-        return value
-
-    @field_validator("alpha", "temperature")
-    @classmethod
-    def _positive(cls, value: float) -> float:
-        return positive(value)
-
-    @field_validator("dropout")
-    @classmethod
-    def _dropout(cls, value: float) -> float:
-        if not 0 <= value < 1:
-            raise ValueError("must be in [0, 1)")
-        return value
-
-    @field_validator("targets")
-    @classmethod
-    def _targets(cls, value: list[str]) -> list[str]:
-        return known_projections(value)
+    temperature: PositiveFloat = 1.0  # for loss: kd
+    lr: PositiveFloat = 1e-4
 
 
 def attach_lora(model, options: LoraOptions):
     """The student wrapped by peft with fresh adapters on the target projections (base weights frozen)."""
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=options.rank, lora_alpha=options.alpha, lora_dropout=options.dropout,
-                        target_modules=list(options.targets), task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=options.rank,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=list(options.targets),
+        task_type="CAUSAL_LM",
+    )
     return get_peft_model(model, config)
 
 
@@ -88,7 +70,7 @@ def _objective(options: LoraOptions, context, model):
     return DistillObjective(teachers, LossWeights(kl=1.0), options.temperature, seed=options.seed), teachers.models
 
 
-@register_stage("lora", LoraOptions)
+@register_stage("lora", LoraOptions, accepts=frozenset({DENSE, FAKE_QUANTIZED}))
 def lora(model, options: LoraOptions, context):
     """LoRA adapters trained with the LM loss or distillation from the original, merged into the weights."""
     require_materialized(model, "LoRA")
@@ -109,12 +91,15 @@ def lora(model, options: LoraOptions, context):
         f"lora: rank {options.rank}, α {options.alpha:g} on {', '.join(options.targets)} ({trainable:,} trainable of "
         f"{total:,} parameters); {result.steps} steps of loss '{options.loss}' on {options.data}{resumed}; "
         f"loss {_fmt(result.first_loss)} → {_fmt(result.last_loss)}; merged into the weights (plain model); "
-        f"metrics: {result.metrics_path}")
+        f"metrics: {result.metrics_path}"
+    )
     if masks:
         context.notes.append(f"lora: pruning masks re-applied after the merge on {len(masks)} Linears")
     if dropped:
-        context.notes.append(f"lora: the merge moved {dropped} quantized Linears off their grid; their codes were "
-                             "dropped (re-run quantize to pack)")
+        context.notes.append(
+            f"lora: the merge moved {dropped} quantized Linears off their grid; their codes were "
+            "dropped (re-run quantize to pack)"
+        )
     remove_checkpoints(folder / "checkpoints")
     return model
 

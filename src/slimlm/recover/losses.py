@@ -76,14 +76,17 @@ def generalized_jsd(student_log_probs, teacher_log_probs, beta: float, mask=None
     return masked_mean(per_token, mask)
 
 
-def logit_distillation(student_logits, teacher_logits, temperature: float = 1.0, kind: str = "forward",
-                       beta: float = 0.5, mask=None) -> torch.Tensor:
+def logit_distillation(
+    student_logits, teacher_logits, temperature: float = 1.0, kind: str = "forward", beta: float = 0.5, mask=None
+) -> torch.Tensor:
     """One divergence between tempered distributions, scaled by τ² (Hinton et al. 2015). kind: forward|reverse|jsd."""
     student = tempered_log_probs(student_logits, temperature)
     teacher = tempered_log_probs(teacher_logits, temperature)
-    divergences = {"forward": lambda: forward_kl(student, teacher, mask),
-                   "reverse": lambda: reverse_kl(student, teacher, mask),
-                   "jsd": lambda: generalized_jsd(student, teacher, beta, mask)}
+    divergences = {
+        "forward": lambda: forward_kl(student, teacher, mask),
+        "reverse": lambda: reverse_kl(student, teacher, mask),
+        "jsd": lambda: generalized_jsd(student, teacher, beta, mask),
+    }
     return temperature**2 * divergences[kind]()
 
 
@@ -93,8 +96,13 @@ def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, mask=None) ->
     return masked_mean(losses.view(input_ids.shape[0], -1), None if mask is None else mask[:, :-1])
 
 
-def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor],
-                      projection: torch.nn.Module | None = None, metric: str = "mse", mask=None) -> torch.Tensor:
+def hidden_state_loss(
+    student_states: list[torch.Tensor],
+    teacher_states: list[torch.Tensor],
+    projection: torch.nn.Module | None = None,
+    metric: str = "mse",
+    mask=None,
+) -> torch.Tensor:
     """Mean over mapped layer pairs of a per-token distance between student and teacher hidden states.
 
     mse: mean squared difference over features; cosine: 1 − cos. `projection` maps student width to teacher width.
@@ -111,8 +119,9 @@ def hidden_state_loss(student_states: list[torch.Tensor], teacher_states: list[t
     return torch.stack(losses).mean()
 
 
-def attention_transfer_loss(student_attentions: list[torch.Tensor], teacher_attentions: list[torch.Tensor],
-                            mask=None) -> torch.Tensor:
+def attention_transfer_loss(
+    student_attentions: list[torch.Tensor], teacher_attentions: list[torch.Tensor], mask=None
+) -> torch.Tensor:
     """Mean over mapped layers of KL(teacher attention row ‖ student attention row), averaged over heads and the
     query positions `mask` keeps. Inputs are probabilities [batch, heads, query, key] (eager attention)."""
     losses = []

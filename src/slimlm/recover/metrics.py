@@ -37,7 +37,7 @@ class MetricsLog:
         self._started = time.perf_counter()
         self._tokens = 0
 
-    def __enter__(self) -> "MetricsLog":
+    def __enter__(self) -> MetricsLog:
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._writer = _tensorboard_writer(self.path.parent / "tensorboard")
@@ -65,8 +65,13 @@ class MetricsLog:
         """Record optimizer step `step` (1-based) that processed `tokens` tokens on all ranks together."""
         self._tokens += tokens
         elapsed = time.perf_counter() - self._started
-        record = {"step": step, **values, "tokens_per_s": self._tokens / max(elapsed, 1e-9),
-                  "elapsed_s": round(elapsed, 3), "time": time.time()}
+        record = {
+            "step": step,
+            **values,
+            "tokens_per_s": self._tokens / max(elapsed, 1e-9),
+            "elapsed_s": round(elapsed, 3),
+            "time": time.time(),
+        }
         if not self.enabled:
             return record
         with open(self.path, "a", encoding="utf-8") as handle:
@@ -74,8 +79,9 @@ class MetricsLog:
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(f"train/{name}", value, step)
-        self._advance(1, description=f"{self.description} loss {values['loss']:.4g} · "
-                                     f"{record['tokens_per_s']:,.0f} tok/s")
+        self._advance(
+            1, description=f"{self.description} loss {values['loss']:.4g} · {record['tokens_per_s']:,.0f} tok/s"
+        )
         return record
 
 

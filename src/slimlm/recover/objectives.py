@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from pydantic import BaseModel, ConfigDict, NonNegativeFloat
 from torch import nn
 
 from slimlm.recover import losses
@@ -30,17 +31,19 @@ class Batch:
     micro_batch: int  # global position in the data stream
 
 
-@dataclass
-class LossWeights:
-    kl: float = 1.0
-    reverse_kl: float = 0.0
-    jsd: float = 0.0
-    hidden: float = 0.0
-    attention: float = 0.0
-    lm: float = 0.0
+class LossWeights(BaseModel):
+    """The weight of each loss term (distill's `loss` in a recipe)."""
+
+    model_config = ConfigDict(extra="forbid")
+    kl: NonNegativeFloat = 1.0
+    reverse_kl: NonNegativeFloat = 0.0
+    jsd: NonNegativeFloat = 0.0
+    hidden: NonNegativeFloat = 0.0
+    attention: NonNegativeFloat = 0.0
+    lm: NonNegativeFloat = 0.0
 
     def active(self) -> dict[str, float]:
-        return {name: weight for name, weight in vars(self).items() if weight > 0}
+        return {name: weight for name, weight in self.model_dump().items() if weight > 0}
 
 
 class LanguageModelObjective:
@@ -57,8 +60,9 @@ class LanguageModelObjective:
 
 
 @torch.no_grad()
-def sample_continuation(model: nn.Module, prompt: torch.Tensor, length: int, generator: torch.Generator,
-                        temperature: float = 1.0) -> torch.Tensor:
+def sample_continuation(
+    model: nn.Module, prompt: torch.Tensor, length: int, generator: torch.Generator, temperature: float = 1.0
+) -> torch.Tensor:
     """prompt [B, P] extended to [B, length] by ancestral sampling with the KV cache and a seeded generator."""
     tokens = prompt
     output = model(input_ids=prompt, use_cache=True)
@@ -138,11 +142,17 @@ class DistillObjective:
         if need_hidden:
             parts["hidden"] = losses.hidden_state_loss(
                 [student_found["hidden"][s] for s, _ in self.layer_pairs],
-                [teacher_found["hidden"][t] for _, t in self.layer_pairs], self.projection, self.hidden_metric, mask)
+                [teacher_found["hidden"][t] for _, t in self.layer_pairs],
+                self.projection,
+                self.hidden_metric,
+                mask,
+            )
         if need_attention:
             parts["attention"] = losses.attention_transfer_loss(
                 [student_found["attention"][s] for s, _ in self.attention_pairs],
-                [teacher_found["attention"][t] for _, t in self.attention_pairs], mask)
+                [teacher_found["attention"][t] for _, t in self.attention_pairs],
+                mask,
+            )
         if self.weights.lm > 0 and not on_policy:
             parts["lm"] = losses.next_token_loss(logits, ids)
         weights = self.weights.active()

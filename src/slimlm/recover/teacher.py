@@ -15,9 +15,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -65,13 +65,20 @@ class Teachers:
     @torch.no_grad()
     def log_probs(self, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
         """Mixed tempered log-probabilities [B, T, V]."""
-        outputs = [tempered_log_probs(model(input_ids=input_ids, use_cache=False).logits, temperature)
-                   for model in self.models]
+        outputs = [
+            tempered_log_probs(model(input_ids=input_ids, use_cache=False).logits, temperature) for model in self.models
+        ]
         return outputs[0] if len(outputs) == 1 else mix_distributions(outputs, self.weights)
 
 
-def cache_key(teacher_names: list[str], weights: list[float], temperature: float, k: int,
-              windows: torch.Tensor, window_ids: list[int]) -> str:
+def cache_key(
+    teacher_names: list[str],
+    weights: list[float],
+    temperature: float,
+    k: int,
+    windows: torch.Tensor,
+    window_ids: list[int],
+) -> str:
     digest = hashlib.sha256(json.dumps([teacher_names, weights, temperature, k, window_ids]).encode())
     digest.update(windows[window_ids].numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -89,8 +96,17 @@ class TopKCache:
 
     @staticmethod
     @torch.no_grad()
-    def build(path: Path, teachers: Teachers, windows: torch.Tensor, window_ids: list[int], temperature: float,
-              k: int, batch_size: int, device, advance=lambda *a, **kw: None) -> None:
+    def build(
+        path: Path,
+        teachers: Teachers,
+        windows: torch.Tensor,
+        window_ids: list[int],
+        temperature: float,
+        k: int,
+        batch_size: int,
+        device,
+        advance=lambda *a, **kw: None,
+    ) -> None:
         """Run the teachers once over the windows and write the cache atomically (main process only)."""
         top_ids, top_log_probs = [], []
         for start in range(0, len(window_ids), batch_size):
@@ -100,8 +116,11 @@ class TopKCache:
             top_ids.append(indices.to(torch.int32).cpu())
             top_log_probs.append(values.float().cpu())
             advance()
-        payload = {"window_ids": torch.tensor(window_ids), "top_ids": torch.cat(top_ids),
-                   "top_log_probs": torch.cat(top_log_probs)}
+        payload = {
+            "window_ids": torch.tensor(window_ids),
+            "top_ids": torch.cat(top_ids),
+            "top_log_probs": torch.cat(top_log_probs),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.tmp"
         torch.save(payload, tmp)

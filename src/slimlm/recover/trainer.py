@@ -16,21 +16,36 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.recover.checkpoint import load_latest_checkpoint, remove_checkpoints, save_checkpoint
+from slimlm.recover.checkpoint import (
+    latest_checkpoint,
+    load_latest_checkpoint,
+    remove_checkpoints,
+    remove_checkpoints_from,
+    save_checkpoint,
+)
 from slimlm.recover.data import DataPosition, WindowOrder
 from slimlm.recover.layers import causal_lm
-from slimlm.recover.metrics import MetricsLog
+from slimlm.recover.metrics import MetricsLog, read_metrics
 from slimlm.recover.objectives import Batch
 
 METRICS_FILE = "metrics.jsonl"
+# Divergence: a step's loss above DIVERGED_FACTOR × the first step's means the optimizer is carrying the model away
+# from where it started (too high an lr), not toward the target: healthy runs fall, and their noisy steps stay
+# within a few times the start. log(vocab), the cross-entropy of a uniform guess, is the floor of the limit, so that a
+# small starting loss (a KL of 0.01) rising to 0.1 on a small batch does not count as divergence.
+DIVERGED_FACTOR = 10.0
+
+
+class TrainingDiverged(SlimlmError):
+    """The loss became non-finite or exploded; checkpoints of the weights that produced it have been removed."""
 
 
 @dataclass
@@ -76,16 +91,21 @@ def make_accelerator(config: TrainConfig):
         GradientState._reset_state()
     # accelerate forms a CPU (gloo) process group only when told cpu=True; without CUDA that is the only choice.
     cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (world > 1 and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, mixed_precision="bf16" if config.precision == "bf16" else "no",
-                       gradient_accumulation_steps=config.grad_accum, step_scheduler_with_optimizer=False)
+    return Accelerator(
+        cpu=cpu,
+        mixed_precision="bf16" if config.precision == "bf16" else "no",
+        gradient_accumulation_steps=config.grad_accum,
+        step_scheduler_with_optimizer=False,
+    )
 
 
 def _activation_checkpointing(model: nn.Module, enable: bool) -> None:
     """Recompute each decoder layer's activations in the backward pass (non-reentrant: works with frozen bases)."""
     base = causal_lm(model)
     if hasattr(base, "activation_checkpointing_enable"):  # transformers 5 name
-        base.activation_checkpointing_enable({"use_reentrant": False}) if enable \
-            else base.activation_checkpointing_disable()
+        base.activation_checkpointing_enable(
+            {"use_reentrant": False}
+        ) if enable else base.activation_checkpointing_disable()
     elif enable:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     else:
@@ -124,8 +144,10 @@ def _prepare_output(output_dir: Path, fingerprint: dict, resume: bool, accelerat
     path = output_dir / "train_config.json"
     same = path.is_file() and json.loads(path.read_text()) == fingerprint
     if resume and path.is_file() and not same:
-        raise SlimlmError(f"{output_dir}: holds checkpoints of a training run with other settings; use another "
-                          "folder or set resume: false")
+        raise SlimlmError(
+            f"{output_dir}: holds checkpoints of a training run with other settings; use another "
+            "folder or set resume: false"
+        )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if not resume:
@@ -136,13 +158,21 @@ def _prepare_output(output_dir: Path, fingerprint: dict, resume: bool, accelerat
     accelerator.wait_for_everyone()
 
 
-def train(student: nn.Module, windows: torch.Tensor, objective, config: TrainConfig, output_dir: Path,
-          after_step: Callable[[], None] | None = None, on_step: Callable[[int, dict], None] | None = None,
-          fingerprint: dict | None = None) -> TrainResult:
+def train(
+    student: nn.Module,
+    windows: torch.Tensor,
+    objective,
+    config: TrainConfig,
+    output_dir: Path,
+    after_step: Callable[[], None] | None = None,
+    on_step: Callable[[int, dict], None] | None = None,
+    fingerprint: dict | None = None,
+) -> TrainResult:
     """Train `student` on `windows` [N, T] against `objective`; checkpoints and metrics.jsonl go to output_dir.
 
     `after_step` runs after every optimizer step (e.g. re-applying pruning masks); `on_step(step, record)` after
-    the step's metrics are logged (tests use it to slow a run down)."""
+    the step's metrics are logged (tests use it to slow a run down). A non-finite or exploding loss stops the run
+    with TrainingDiverged (see DIVERGED_FACTOR), keeping the checkpoints written before it."""
     output_dir = Path(output_dir)
     accelerator = make_accelerator(config)
     from accelerate.utils import set_seed
@@ -159,30 +189,48 @@ def train(student: nn.Module, windows: torch.Tensor, objective, config: TrainCon
     accelerator.register_for_checkpointing(position)
     accelerator.register_save_state_pre_hook(_trainable_only)
     checkpoints = output_dir / "checkpoints"
-    resumed_from = None
+    resumed_from = first_loss = None
     _prepare_output(output_dir, {**asdict(config), **(fingerprint or {})}, config.resume, accelerator)
     if config.resume and load_latest_checkpoint(accelerator, checkpoints, **_partial_load(accelerator)) is not None:
         resumed_from = position.step
+        # the divergence limit stays that of the uninterrupted run: its first step's loss, from the metrics file
+        first_loss = next((r["loss"] for r in read_metrics(output_dir / METRICS_FILE) if r["step"] == 1), None)
     objective.to(accelerator.device)
     order = WindowOrder(len(windows), config.batch_size, config.seed)
     tokens_per_step = config.batch_size * windows.shape[1] * config.grad_accum * accelerator.num_processes
-    first_loss = last_loss = record = None
-    with MetricsLog(output_dir / METRICS_FILE, config.steps, position.step, accelerator.is_main_process,
-                    config.description) as log:
+    last_loss = record = None
+    vocab_size = causal_lm(accelerator.unwrap_model(student)).config.vocab_size
+    with MetricsLog(
+        output_dir / METRICS_FILE, config.steps, position.step, accelerator.is_main_process, config.description
+    ) as log:
         while position.step < config.steps:
             lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler moves on after it)
-            values = _one_step(accelerator, student, extras, optimizer, scheduler, objective, windows, order,
-                               position, config)
+            try:
+                values = _one_step(
+                    accelerator, student, extras, optimizer, scheduler, objective, windows, order, position, config
+                )
+                _check_divergence(values["loss"], first_loss, vocab_size, position.step + 1, lr)
+            except TrainingDiverged as err:
+                kept = _keep_good_checkpoints(accelerator, checkpoints, position.step)
+                raise TrainingDiverged(f"{err}; {kept}") from err
             if after_step is not None:
                 after_step()
             position.step += 1
             record = log.step(position.step, {**values, "lr": lr}, tokens_per_step)
             first_loss = values["loss"] if first_loss is None else first_loss
             last_loss = values["loss"]
-            if config.checkpoint_every and position.step % config.checkpoint_every == 0 \
-                    and position.step < config.steps:
-                save_checkpoint(accelerator, checkpoints, position.step, {"micro_batch": position.micro_batch},
-                                config.keep_checkpoints)
+            if (
+                config.checkpoint_every
+                and position.step % config.checkpoint_every == 0
+                and position.step < config.steps
+            ):
+                save_checkpoint(
+                    accelerator,
+                    checkpoints,
+                    position.step,
+                    {"micro_batch": position.micro_batch},
+                    config.keep_checkpoints,
+                )
             if on_step is not None:
                 on_step(position.step, record)
     accelerator.wait_for_everyone()
@@ -194,12 +242,42 @@ def train(student: nn.Module, windows: torch.Tensor, objective, config: TrainCon
         _activation_checkpointing(model, False)
     model.eval()
     accelerator.free_memory()
-    return TrainResult(model, position.step, resumed_from, first_loss, last_loss, output_dir / METRICS_FILE,
-                       record["tokens_per_s"] if record else None, full_state)
+    return TrainResult(
+        model,
+        position.step,
+        resumed_from,
+        first_loss,
+        last_loss,
+        output_dir / METRICS_FILE,
+        record["tokens_per_s"] if record else None,
+        full_state,
+    )
 
 
-def _one_step(accelerator, student, extras, optimizer, scheduler, objective, windows, order, position,
-              config: TrainConfig) -> dict[str, float]:
+def _check_divergence(loss: float, first_loss: float | None, vocab_size: int, step: int, lr: float) -> None:
+    if first_loss is None:
+        return
+    limit = max(DIVERGED_FACTOR * first_loss, math.log(vocab_size))
+    if loss > limit:
+        raise TrainingDiverged(
+            f"training diverged at step {step}: loss {loss:.4g} is above {limit:.4g} (the larger of "
+            f"{DIVERGED_FACTOR:g}× the first step's {first_loss:.4g} and log(vocab) {math.log(vocab_size):.3g}) at "
+            f"lr {lr:.3g}; lower lr"
+        )
+
+
+def _keep_good_checkpoints(accelerator, root: Path, steps_done: int) -> str:
+    """After divergence at step steps_done + 1: the checkpoint of step steps_done holds the weights that produced
+    the bad loss and goes; older ones stay. Returns what is left, for the error message."""
+    if accelerator.is_main_process:
+        remove_checkpoints_from(root, steps_done)
+    kept = latest_checkpoint(root)
+    return f"last good checkpoint kept: {kept}" if kept else "no checkpoint before it to keep"
+
+
+def _one_step(
+    accelerator, student, extras, optimizer, scheduler, objective, windows, order, position, config: TrainConfig
+) -> dict[str, float]:
     """grad_accum micro-batches, one optimizer step; returns the step's losses averaged over micro-batches and
     processes."""
     sums: dict[str, float] = {}
@@ -211,8 +289,11 @@ def _one_step(accelerator, student, extras, optimizer, scheduler, objective, win
             with accelerator.autocast():
                 loss, parts = objective(student, batch)
             if not torch.isfinite(loss):
-                raise SlimlmError(f"training: the loss became {loss.item()} at micro-batch {position.micro_batch}; "
-                                  "lower lr or check the data")
+                raise TrainingDiverged(
+                    f"training diverged at step {position.step + 1}: the loss became {loss.item()} "
+                    f"(micro-batch {position.micro_batch}); lower lr (now {config.lr:g}) or check "
+                    "the data"
+                )
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm:
                 # The model's own parameter list when it is alone: accelerate then uses FSDP's sharded clipping.

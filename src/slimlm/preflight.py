@@ -1,0 +1,183 @@
+"""Checks a recipe needs the model for, made from the model's config alone (no weights) before anything runs.
+
+Options are validated without a model (recipe.py); what depends on the model's shape — a group size that must divide
+a layer's input width, more layers removed than exist, more channels kept than there are — is checked here against
+the config, following the shape through the stages that change it (depth and width pruning), together with the
+evaluation tasks and the calibration data. Every message starts with the recipe path of the field at fault. A shape
+a stage makes that cannot be known in advance (a width kept as a fraction) is left to the stage's own check.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from slimlm.errors import SlimlmError
+from slimlm.modules import PROJECTION_WIDTHS, SHORT_NAMES, attention_head_dim
+
+_CHECKS: dict[str, Callable] = {}
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The widths of a decoder as the stages so far leave it; None where it cannot be known before running."""
+
+    layers: int
+    hidden: int
+    heads: int | None
+    kv_heads: int | None
+    head_dim: int | None
+    intermediate: int | None
+
+    @classmethod
+    def of(cls, config) -> Shape:
+        heads = config.num_attention_heads
+        return cls(
+            config.num_hidden_layers,
+            config.hidden_size,
+            heads,
+            getattr(config, "num_key_value_heads", None) or heads,
+            attention_head_dim(config),
+            config.intermediate_size,
+        )
+
+    def width(self, projection: str, side: int) -> int | None:
+        """Input (side 0) or output (side 1) width of a projection, by its recipe name (``q_proj``)."""
+        kind = PROJECTION_WIDTHS[SHORT_NAMES[projection]][side]
+        heads = {"query": self.heads, "kv": self.kv_heads}
+        if kind in heads:
+            return None if heads[kind] is None else heads[kind] * self.head_dim
+        return getattr(self, kind)
+
+
+def preflight(stage_name: str):
+    """Decorator: ``@preflight("quantize")`` on ``def check(where, options, shape) -> Shape`` (the shape after it)."""
+
+    def decorate(check: Callable) -> Callable:
+        _CHECKS[stage_name] = check
+        return check
+
+    return decorate
+
+
+def check_stages(stages, config) -> None:
+    shape = Shape.of(config)
+    for index, stage in enumerate(stages):
+        check = _CHECKS.get(stage.name)
+        if check is not None:
+            shape = check(f"stages[{index}].{stage.name}", stage.options, shape)
+
+
+def _targets(options) -> list[str]:
+    return getattr(options, "targets", None) or list(SHORT_NAMES)
+
+
+def _check_divides(where: str, divisor: int, options, shape: Shape, side: int, what: str, advice: str) -> None:
+    """`divisor` must divide the input (side 0) or output (side 1) width of every target projection."""
+    for projection in _targets(options):
+        width = shape.width(projection, side)
+        if width is not None and width % divisor:
+            raise SlimlmError(f"{where}: {divisor} does not divide the {width} {what} of {projection}; {advice}")
+
+
+@preflight("quantize")
+def _quantize(where: str, options, shape: Shape) -> Shape:
+    if options.group_size is not None:
+        _check_divides(
+            f"{where}.group_size",
+            options.group_size,
+            options,
+            shape,
+            0,
+            "input features",
+            "use a divisor of it or null (one scale per output channel)",
+        )
+    return shape
+
+
+@preflight("share")
+def _share(where: str, options, shape: Shape) -> Shape:
+    if getattr(options, "granularity", "tensor") == "row_group":
+        _check_divides(
+            f"{where}.rows_per_codebook",
+            options.rows_per_codebook,
+            options,
+            shape,
+            1,
+            "output rows",
+            "use a divisor of it",
+        )
+    return shape
+
+
+@preflight("prune_depth")
+def _prune_depth(where: str, options, shape: Shape) -> Shape:
+    if options.remove is not None:
+        if options.remove >= shape.layers:
+            raise SlimlmError(
+                f"{where}.remove: {options.remove} would leave no layer of the model's {shape.layers}; "
+                f"must be below {shape.layers}"
+            )
+        return dataclasses.replace(shape, layers=shape.layers - options.remove)
+    kept = round(options.keep_ratio * shape.layers)
+    if kept < 1:
+        raise SlimlmError(
+            f"{where}.keep_ratio: {options.keep_ratio} of {shape.layers} layers keeps none; the "
+            f"smallest ratio that keeps one is {0.5 / shape.layers:.3g}"
+        )
+    return dataclasses.replace(shape, layers=kept)
+
+
+@preflight("prune_width")
+def _prune_width(where: str, options, shape: Shape) -> Shape:
+    changes = {}
+    for field, current, dimension, noun in (
+        ("mlp_keep", shape.intermediate, "intermediate", "MLP channels"),
+        ("heads_keep", shape.heads, "heads", "query heads"),
+    ):
+        keep = getattr(options, field)
+        if keep is None:
+            continue
+        if isinstance(keep, int) and current is not None and keep > current:
+            raise SlimlmError(
+                f"{where}.{field}: {keep} is more than the model's {current} {noun} per layer; keep at "
+                f"most {current} (or give a fraction in (0, 1])"
+            )
+        # a count is exact; a fraction is rounded by the stage itself, so later checks cannot know the width
+        changes[dimension] = keep if isinstance(keep, int) else None
+    if changes.get("heads", shape.heads) is None:
+        changes["kv_heads"] = None
+    return dataclasses.replace(shape, **changes)
+
+
+def check_data(recipe) -> None:
+    """The calibration source and the evaluation tasks exist (the text itself is read when a stage needs it)."""
+    from slimlm.data import NAMED_SOURCES
+
+    _check_source("calibration.data", recipe.calibration.data, (*NAMED_SOURCES, "self"))
+    from slimlm.evaluate.suite import is_perplexity_task
+    from slimlm.evaluate.tasks import check_task_names
+
+    for index, task in enumerate(recipe.evaluate.tasks):
+        if is_perplexity_task(task) and task not in NAMED_SOURCES:
+            _check_source(f"evaluate.tasks[{index}]", task, NAMED_SOURCES)
+    try:
+        check_task_names([task for task in recipe.evaluate.tasks if not is_perplexity_task(task)])
+    except SlimlmError as err:
+        raise SlimlmError(f"evaluate.tasks: {err}") from None
+
+
+def _check_source(where: str, source: str, named: tuple[str, ...]) -> None:
+    if source in named:
+        return
+    path = Path(source).expanduser()
+    if path.suffix not in (".txt", ".raw", ".jsonl", ".parquet"):
+        raise SlimlmError(
+            f"{where}: '{source}' is not a named set ({', '.join(named)}) nor a .txt, .raw, .jsonl or .parquet file"
+        )
+    if not path.is_file():
+        raise SlimlmError(f"{where}: no such file: {path}")
+    if path.stat().st_size == 0:
+        raise SlimlmError(f"{where}: {path} is empty")
