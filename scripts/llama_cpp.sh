@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Builds llama.cpp's command-line tools (perplexity, quantize, imatrix, bench, completion, simple) from the source tree the
+# Builds llama.cpp's tools (perplexity, quantize, imatrix, bench, completion, simple) from the source tree the
 # PyPI sdist of llama-cpp-python carries under vendor/llama.cpp, into a cache folder keyed by that version; prints
 # the folder holding the binaries. About 10 minutes on 2 cores the first time; later calls return at once.
 set -euo pipefail
 VERSION=${LLAMA_CPP_PYTHON_VERSION:-0.3.36}
-CACHE=${SLIMLM_CACHE_DIR:-$HOME/.cache/slimlm}/llama.cpp/$VERSION
+# not under $SLIMLM_CACHE_DIR: the tests isolate that cache, and must not rebuild llama.cpp into it
+CACHE=${SLIMLM_LLAMA_CPP_DIR:-$HOME/.cache/slimlm/llama.cpp}/$VERSION
 TOOLS=(llama-perplexity llama-quantize llama-imatrix llama-bench llama-completion llama-simple)
-PYTHON=${PYTHON:-python3}
+root=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-$([ -x "$root/.venv/bin/python" ] && echo "$root/.venv/bin/python" || echo python3)}
 
 ready() { for tool in "${TOOLS[@]}"; do [ -x "$CACHE/bin/$tool" ] || return 1; done; }
 if ready; then echo "$CACHE/bin"; exit 0; fi

@@ -53,19 +53,33 @@ def _records_table(title: str, records) -> Table:
 def eval_command(
     model: str = typer.Option(..., "--model", help="Built-in name, HF folder, hub id or .gguf file."),
     task: list[str] = typer.Option(["wikitext2"], "--task", help=EVAL_TASKS),
-    seq_len: int = typer.Option(2048, "--seq-len", min=8, max=1_000_000, help="Perplexity window length in tokens."),
+    seq_len: int | None = typer.Option(
+        None, "--seq-len", min=8, max=1_000_000, help="Perplexity window in tokens (2048; llama.cpp: n_ctx, 512)."
+    ),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Perplexity windows / task documents to use."),
     reference: str | None = typer.Option(None, "--reference", help="Model to compute KL and top-1 agreement against."),
     speed: bool = typer.Option(False, "--speed", help="Also measure prefill latency and decode speed."),
     dtype: str = typer.Option("float32", "--dtype"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Load .bin/.pt weights (can run arbitrary code)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result records as JSON on stdout, nothing else."),
+    protocol: str = typer.Option(
+        "slimlm",
+        "--protocol",
+        help="Perplexity protocol: slimlm | llama.cpp (llama-perplexity's chunks: --seq-len is -c, --limit is "
+        "--chunks, the second half of each chunk scored; KL as --kl-divergence).",
+    ),
 ) -> None:
-    """Evaluate a model with slimlm's pinned protocol."""
+    """Evaluate a model with slimlm's pinned protocol (or llama-perplexity's, with --protocol llama.cpp)."""
     from slimlm.evaluate.suite import evaluate_model
     from slimlm.models import load_model
     from slimlm.recipe import EvaluateConfig
 
+    if protocol not in ("slimlm", "llama.cpp"):
+        raise typer.BadParameter(f"{protocol!r} is not one of 'slimlm', 'llama.cpp'", param_hint="'--protocol'")
+    if protocol == "llama.cpp":  # the same records, perplexity scored as llama-perplexity scores it
+        from slimlm.evaluate.llamacpp_protocol import DEFAULT_N_CTX
+        from slimlm.evaluate.llamacpp_protocol import evaluate_model_llamacpp as evaluate_model
+    seq_len = seq_len or (DEFAULT_N_CTX if protocol == "llama.cpp" else 2048)
     config = EvaluateConfig(tasks=task, seq_len=seq_len, limit=limit, task_limit=limit, speed=speed)
     # Libraries print to stdout (lm-eval, transformers); with --json stdout must hold only the JSON.
     with contextlib.redirect_stdout(sys.stderr):
@@ -114,6 +128,38 @@ def compress_command(
         highlight=False,
         soft_wrap=True,
     )
+
+
+@app.command("export")
+def export_command(
+    model: str = typer.Argument(..., help="Built-in name, slimlm output folder, HF folder, hub id or .gguf file."),
+    fmt: str = typer.Option(..., "--format", help="gguf (llama.cpp) | hf (plain transformers) | compressed-tensors"),
+    output: Path = typer.Option(..., "--output", help="The .gguf file, or the folder, to write."),
+    block_type: str | None = typer.Option(None, "--type", help="gguf: auto | q8_0 | q4_0 | q5_0 | q4_1 | q5_1"),
+    dtype: str | None = typer.Option(None, "--dtype", help="Dense tensors (gguf: auto|f32|f16; else auto|float32|…)."),
+    embeddings: str | None = typer.Option(None, "--embeddings", help="gguf: quantize token_embd (e.g. q8_0)."),
+    dequantize: bool = typer.Option(False, "--dequantize", help="Write modules with no exact format dense."),
+    pre: str | None = typer.Option(None, "--pre", help="gguf: llama.cpp pre-tokenizer name (gpt-2, llama-bpe, …)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+) -> None:
+    """Write a deployable copy of a model: GGUF for llama.cpp, or a folder for transformers / vLLM."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from slimlm.export.options import ExportTarget, export_model
+    from slimlm.models import load_model
+    from slimlm.recipe import format_validation_error
+
+    given = {"type": block_type, "dtype": dtype, "embeddings": embeddings, "dequantize": dequantize or None, "pre": pre}
+    try:
+        target = TypeAdapter(ExportTarget).validate_python(
+            {"format": fmt, **{key: value for key, value in given.items() if value is not None}}
+        )
+    except ValidationError as err:
+        raise SlimlmError(format_validation_error(err, prefix="export")) from None
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = load_model(model, allow_pickle=allow_pickle)
+        summary = export_model(loaded.model, loaded.tokenizer, target, output)
+    _out.print(summary.line(), markup=False, highlight=False, soft_wrap=True)
 
 
 def _allowed(field) -> str:

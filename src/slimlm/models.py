@@ -56,8 +56,15 @@ class ModelSource:
 
     @property
     def weights_path(self) -> str:
-        """What to measure for size on disk: the GGUF file for GGUF sources, the folder otherwise."""
-        return self.path
+        """What to measure for size on disk: the GGUF file for GGUF sources, the folder otherwise. The built-in
+        model's original is its dequantized float32 copy (the cached folder), so stage folders are compared with a
+        folder written the same way; its GGUF's size goes beside the GGUF exports (`gguf_bytes`)."""
+        return str(_builtin_cache(self)) if self.kind == "builtin" else self.path
+
+    @property
+    def gguf_bytes(self) -> int | None:
+        """Size of the GGUF file the model came from, if it came from one."""
+        return Path(self.path).stat().st_size if self.kind in ("builtin", "gguf") else None
 
 
 @dataclass

@@ -35,7 +35,7 @@ STAGE_META_FILE = "slimlm_stage.json"
 EVAL_CACHE_VERSION = "2"  # 2: speed records carry their spread and the machine's load
 # What a run writes besides scratch/: a fresh run into the folder of an earlier one removes them first, so no
 # stage folder or plot of the earlier run is left beside the new report.
-RUN_OUTPUTS = ("stages", "model", "report.md", "report.json", "plots")
+RUN_OUTPUTS = ("stages", "model", "report.md", "report.json", "plots", "export")
 
 
 def write_json_atomic(path: Path, payload) -> None:
@@ -168,7 +168,9 @@ class Pipeline:
                 continue
             model = self._run_stage(index, stage, model, loaded, context, state)
         self._write_final_model(loaded, state)
+        exports = self._export(model, loaded)
         summary = self._summary(loaded, original_records, cached, state)
+        summary["exports"] = exports
         from slimlm.report import write_report
 
         write_report(summary, self.out)
@@ -230,6 +232,21 @@ class Pipeline:
             _link_final_model(self.out / state.completed[-1]["folder"], final)
         else:
             save_model(loaded.model, loaded.tokenizer, final)
+
+    def _export(self, model, loaded: LoadedModel) -> list[dict]:
+        """The recipe's export targets, written into <output>/export/ (each atomically, by its exporter)."""
+        from slimlm.export.options import export_model
+
+        written = []
+        for target in self.recipe.export:
+            path = self.out / "export" / target.name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            summary = export_model(model, loaded.tokenizer, target, path)
+            entry = {"format": target.format, "path": str(path), "bytes": summary.bytes, "line": summary.line()}
+            if target.format == "gguf" and loaded.source.gguf_bytes:  # GGUF beside GGUF
+                entry["original_gguf_bytes"] = loaded.source.gguf_bytes
+            written.append(entry)
+        return written
 
     def _summary(self, loaded, original_records, cached, state) -> dict:
         from slimlm.evaluate.machine import machine_info

@@ -181,3 +181,45 @@ def _check_source(where: str, source: str, named: tuple[str, ...]) -> None:
         raise SlimlmError(f"{where}: no such file: {path}")
     if path.stat().st_size == 0:
         raise SlimlmError(f"{where}: {path} is empty")
+
+
+# What each export format stores exactly: (is this packed grid exact, what it lacks, how to get there).
+_EXACT_GRIDS = {
+    "gguf": (
+        lambda o: o.group_size == 32 and o.bits in ((4, 5, 8) if o.sym else (4, 5)),
+        "no GGUF block type",
+        "quantize symmetric with group_size: 32 at 4, 5 or 8 bits",
+    ),
+    "compressed-tensors": (
+        lambda o: o.sym and o.bits in (4, 8),
+        "no pack-quantized form",
+        "quantize symmetric at 4 or 8 bits",
+    ),
+}
+
+
+def _export_refusal(export_format: str, stage) -> str | None:
+    """Why `stage` leaves modules the format cannot write exactly; None when it can."""
+    exact, lacking, _ = _EXACT_GRIDS[export_format]
+    options, method = stage.options, getattr(stage.options, "method", None)
+    if stage.name == "quantize" and method != "smoothquant" and getattr(options, "pack", True):
+        grid = f"{options.bits}-bit {'' if options.sym else 'asymmetric '}group {options.group_size}"
+        return None if exact(options) else f"{grid} has {lacking}"
+    if stage.name == "quantize" or (stage.name == "share" and method == "kmeans") or stage.name == "lowrank":
+        return f"its {method} modules have {lacking}"
+    return None
+
+
+def check_exports(recipe) -> None:
+    """An export that would refuse the final model fails now, not after the stages ran: every module a stage leaves
+    must have an exact form in the format, unless the export may write it dense (dequantize: true)."""
+    for index, target in enumerate(recipe.export):
+        if target.format not in _EXACT_GRIDS or target.dequantize:
+            continue
+        for position, stage in enumerate(recipe.stages):
+            reason = _export_refusal(target.format, stage)
+            if reason:
+                raise SlimlmError(
+                    f"export[{index}].{target.format}: stages[{position}].{stage.name} leaves modules it cannot write "
+                    f"exactly ({reason}); {_EXACT_GRIDS[target.format][2]}, or set dequantize: true to write them dense"
+                )

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slimlm.errors import SlimlmError
+from slimlm.export.options import ExportTarget
 from slimlm.modules import SHORT_NAMES
 from slimlm.registry import DENSE, StageOptions, get_stage, stage_names
 
@@ -55,6 +56,7 @@ class Recipe(_Strict):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stages: list[Stage] = Field(default_factory=list)
+    export: list[ExportTarget] = Field(default_factory=list)  # deployable copies of the final model (export/)
     output: str = "runs/slimlm"
 
     @field_validator("dtype")
@@ -128,12 +130,13 @@ def check_recipe(recipe: Recipe) -> None:
     """The checks that need the model's config (not its weights): shapes through the stages, data and tasks
     (preflight.py). Run before any folder is written or weight loaded; raises SlimlmError naming the field."""
     from slimlm.models import load_config
-    from slimlm.preflight import check_data, check_stages
+    from slimlm.preflight import check_data, check_exports, check_stages
 
     try:
         config = load_config(recipe.model)
     except SlimlmError as err:
         raise SlimlmError(f"model: {err}") from None
+    check_exports(recipe)
     check_stages(recipe.stages, config)
     check_data(recipe)
 

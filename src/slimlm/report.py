@@ -221,9 +221,29 @@ def render_markdown(summary: dict, plots: dict[str, Path] | None = None) -> str:
         images if plots else "",
         _protocols(summary),
         _stage_details(summary),
+        _exports(summary),
         _machine(summary),
     ]
     return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _beside_original(entry: dict) -> str:
+    original = entry.get("original_gguf_bytes")
+    if not original:
+        return ""
+    return (
+        f" — {entry['bytes'] / 1e6:.1f} MB beside the original's GGUF {original / 1e6:.1f} MB "
+        f"(×{entry['bytes'] / original:.2f})"
+    )
+
+
+def _exports(summary: dict) -> str:
+    """The deployable copies the recipe's `export` list wrote, with their sizes and types."""
+    exports = summary.get("exports") or []
+    if not exports:
+        return ""
+    lines = [f"- {entry['format']}: {entry['line']}{_beside_original(entry)}" for entry in exports]
+    return "\n".join(["## Exports", "", *lines])
 
 
 # ---------------------------------------------------------------- writing

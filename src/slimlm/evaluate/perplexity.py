@@ -51,13 +51,16 @@ class ReferenceLogits:
         self.model, self.keep = model, keep
         self._kept: dict[bytes, torch.Tensor] = {}
 
-    def __call__(self, window: torch.Tensor) -> torch.Tensor:
-        if not self.keep:
-            return _logits(self.model, window)
-        key = window.cpu().numpy().tobytes()
-        if key not in self._kept:
-            self._kept[key] = _logits(self.model, window)
-        return self._kept[key]
+    def __call__(self, window: torch.Tensor, model=None, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The reference's logits on `window`; `logits`, the scored `model`'s own on it, are taken as they are when
+        that model is the reference itself (an original scored against itself) and nothing is kept yet."""
+        key = window.cpu().numpy().tobytes() if self.keep else None
+        if key is not None and key in self._kept:
+            return self._kept[key]
+        found = logits if logits is not None and model is self.model else _logits(self.model, window)
+        if key is not None:
+            self._kept[key] = found
+        return found
 
 
 def _score_window(model, reference: ReferenceLogits | None, window: torch.Tensor, totals: WindowTotals) -> None:
@@ -67,7 +70,7 @@ def _score_window(model, reference: ReferenceLogits | None, window: torch.Tensor
     totals.tokens += targets.numel()
     if reference is None:
         return
-    ref_logits = reference(window).to(logits.device)
+    ref_logits = reference(window, model, logits).to(logits.device)
     for start in range(0, logits.shape[0], _KL_CHUNK):
         log_p = F.log_softmax(ref_logits[start : start + _KL_CHUNK], dim=-1)
         log_q = F.log_softmax(logits[start : start + _KL_CHUNK], dim=-1)
