@@ -28,9 +28,9 @@ cmake --build "$work/build" -j "$(nproc)" --target "${TOOLS[@]}" >&2
 staging="$CACHE.tmp-$$"
 rm -rf "$staging" && mkdir -p "$staging/bin"
 for tool in "${TOOLS[@]}"; do cp "$work/build/bin/$tool" "$staging/bin/"; done
-{
-  echo "llama-cpp-python $VERSION"
-  grep -h -m1 -E 'LLAMA_BUILD_COMMIT|BUILD_COMMIT' "$work/build/common/build-info.cpp" 2>/dev/null || true
-} > "$staging/VERSION"
+# the sdist carries no git metadata; its CHANGELOG names the llama.cpp commit each release vendors
+commit=$(awk -v head="## [$VERSION]" '$0 == head {on = 1; next} /^## \[/ {on = 0} on' \
+  "$work/llama_cpp_python-$VERSION/CHANGELOG.md" | grep -o -m1 'llama.cpp@[0-9a-f]*' || true)
+echo "llama-cpp-python $VERSION ${commit:-llama.cpp commit unknown}" > "$staging/VERSION"
 rm -rf "$CACHE" && mkdir -p "$(dirname "$CACHE")" && mv "$staging" "$CACHE"
 echo "$CACHE/bin"

@@ -63,4 +63,5 @@ def test_quickstart_recipe_validates():
     from pathlib import Path
 
     recipe = load_recipe(Path(__file__).parents[1] / "recipes" / "quickstart.yaml")
-    assert recipe.model == "smollm2-135m" and recipe.stages[0].name == "prune"
+    assert recipe.model == "smollm2-135m" and [stage.name for stage in recipe.stages] == ["quantize"]
+    assert recipe.stages[0].options.group_size == 32 and recipe.export[0].format == "gguf"
