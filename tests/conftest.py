@@ -81,6 +81,22 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("SLIMLM_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "slimlm-cache"))
 
 
+def write_documents(folder) -> str:
+    """A small .jsonl text set (40 documents) for recovery stages: tokenizing it is instant, unlike the
+    1,000-document C4 sample."""
+    import json
+
+    path = folder / "docs.jsonl"
+    text = "Distillation teaches a small student."
+    path.write_text(
+        "".join(
+            json.dumps({"text": f"Document {i}: the quick brown fox jumps over the lazy dog. {text}"}) + "\n"
+            for i in range(40)
+        )
+    )
+    return str(path)
+
+
 def random_windows(model, samples: int = 4, seq_len: int = 16, seed: int = 0):
     """Seeded random token windows standing in for calibration data."""
     generator = torch.Generator().manual_seed(seed)

@@ -1,11 +1,10 @@
 """Stages declare what they accept and produce: a chain that cannot work fails when the recipe is parsed (before any
 model is loaded), naming both stages; chains that do work run end to end on a tiny model and reload."""
 
-import json
-
 import pytest
 import torch
 
+from conftest import write_documents
 from slimlm.errors import SlimlmError
 from slimlm.models import load_model
 from slimlm.pipeline import run_recipe
@@ -88,23 +87,6 @@ def test_disjoint_targets_may_be_quantized_in_two_stages():
     )
 
 
-def _documents(folder) -> str:
-    path = folder / "docs.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "text": f"Document {i}: the quick brown fox jumps over the lazy dog. "
-                    "Distillation teaches a small student."
-                }
-            )
-            + "\n"
-            for i in range(40)
-        )
-    )
-    return str(path)
-
-
 def _run(model_dir, out, data, stages) -> dict:
     recipe = parse_recipe(
         {
@@ -146,7 +128,7 @@ DISTILL = {"steps": 2, "batch_size": 1, "grad_accum": 1, "seq_len": 32, "warmup"
     ids=["prune-distill-gptq-eora", "depth-width-distill-rtn"],
 )
 def test_a_working_chain_runs_end_to_end_and_reloads(stages, kinds, tiny_model_dir, tmp_path):
-    data = _documents(tmp_path)
+    data = write_documents(tmp_path)
     for stage in stages:
         if "distill" in stage:
             stage["distill"] = {**stage["distill"], "data": data}

@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import build_tiny_llama
+from conftest import build_tiny_llama, write_documents
 from slimlm.calibration import Calibration
 from slimlm.errors import SlimlmError
 from slimlm.pipeline import run_recipe
@@ -16,24 +16,6 @@ from slimlm.recover.lora import LoraOptions, attach_lora, merge_lora
 from slimlm.recover.objectives import LanguageModelObjective
 from slimlm.recover.trainer import TrainConfig, train
 from slimlm.registry import StageContext, get_stage
-
-
-def _documents(folder) -> str:
-    """A small .jsonl text set: tokenizing it is instant, unlike the 1,000-document C4 sample."""
-    path = folder / "docs.jsonl"
-    path.write_text(
-        "".join(
-            json.dumps(
-                {
-                    "text": f"Document {i}: the quick brown fox jumps over the lazy dog. "
-                    "Distillation teaches a small student."
-                }
-            )
-            + "\n"
-            for i in range(40)
-        )
-    )
-    return str(path)
 
 
 def _error(stage: dict) -> str:
@@ -117,7 +99,7 @@ def test_distill_stage_checks_the_layer_map_against_the_models(tiny_tokenizer, t
                         "layer_map": [0, 1],
                         "steps": 1,
                         "seq_len": 16,
-                        "data": _documents(tmp_path),
+                        "data": write_documents(tmp_path),
                     }
                 }
             ],
@@ -129,7 +111,7 @@ def test_distill_stage_checks_the_layer_map_against_the_models(tiny_tokenizer, t
 
 
 def test_recipe_prune_depth_then_distill_gives_a_reloadable_model(tiny_model_dir, tmp_path):
-    out, text = tmp_path / "run", _documents(tmp_path)
+    out, text = tmp_path / "run", write_documents(tmp_path)
     recipe = parse_recipe(
         {
             "model": str(tiny_model_dir),
@@ -205,7 +187,7 @@ def test_lora_stage_keeps_pruned_weights_zero(tiny_tokenizer, tmp_path):
                         "seq_len": 32,
                         "lr": 1e-2,
                         "targets": ["up_proj", "q_proj"],
-                        "data": _documents(tmp_path),
+                        "data": write_documents(tmp_path),
                     }
                 }
             ],
@@ -231,7 +213,7 @@ def test_distill_stage_with_a_teacher_cache_qat_and_kept_sparsity(tiny_tokenizer
         "seq_len": 32,
         "lr": 1e-3,
         "teacher_topk": 8,
-        "data": _documents(tmp_path),
+        "data": write_documents(tmp_path),
         "qat": {"bits": 4, "group_size": 32},
         "loss": {"kl": 1.0, "reverse_kl": 0.5},
     }
