@@ -67,13 +67,16 @@ def test_only_the_targets_are_quantized(tiny_model, method):
 
 def test_gptq_is_true_sequential_within_a_layer(tiny_model, monkeypatch):
     observed = []
-    original = gptq_module.observe_layer
+    original = gptq_module.true_sequential
 
-    def recording(layer, inputs, names=None, **kwargs):
-        observed.append(names)
-        return original(layer, inputs, names, **kwargs)
+    def recording(layer, inputs, names, visit_set, **kwargs):
+        def visit(set_names, stats):
+            observed.append(list(set_names))
+            visit_set(set_names, stats)
 
-    monkeypatch.setattr(gptq_module, "observe_layer", recording)
+        return original(layer, inputs, names, visit, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "true_sequential", recording)
     run_quantize_stage(
         tiny_model, random_windows(tiny_model), method="gptq", targets=["q_proj", "v_proj", "o_proj", "down_proj"]
     )

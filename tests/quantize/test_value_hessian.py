@@ -5,9 +5,9 @@ from conftest import build_tiny_llama
 from slimlm.calibrate import capture_first_layer_inputs
 from slimlm.modules import decoder_layers
 from slimlm.quantize import value_hessian
-from slimlm.quantize.gptq import gptq_per_head
+from slimlm.quantize.gptq import GPTQOptions, per_head_solve
 from slimlm.quantize.grid import QuantGrid
-from slimlm.quantize.value_hessian import value_hessians
+from slimlm.quantize.value_hessian import _received_blockwise, _received_fused, value_hessians
 
 
 def _expected_value_hessians(model, windows):
@@ -52,9 +52,23 @@ def test_per_head_gptq_solves_each_row_block_with_its_own_hessian():
     inputs = [torch.randn(64, 32, generator=generator) * torch.logspace(-1, 0.5, 32) for _ in range(2)]
     hessians = [2 * x.T @ x / 64 for x in inputs]
     grid = QuantGrid(4, True, 16)
-    stacked, _ = gptq_per_head(weight, hessians, grid, 0.01, False, 8)
-    alone, _ = gptq_per_head(weight[4:], hessians[1:], grid, 0.01, False, 8)
+    options = GPTQOptions(method="gptq", blocksize=8)
+    stacked, _ = per_head_solve(weight, hessians, grid, options)
+    alone, _ = per_head_solve(weight[4:], hessians[1:], grid, options)
     assert stacked.codes.shape == weight.shape and stacked.scale.shape == (8, 2)
     torch.testing.assert_close(stacked.dequantize()[4:], alone.dequantize())
-    swapped, _ = gptq_per_head(weight, hessians[::-1], grid, 0.01, False, 8)
+    swapped, _ = per_head_solve(weight, hessians[::-1], grid, options)
     assert not torch.equal(swapped.codes, stacked.codes)  # the Hessian of each block is the one that was used
+
+
+@pytest.mark.parametrize("spread", [1.0, 4.0])
+def test_the_fused_received_attention_equals_the_attention_matrix_summed(spread):
+    """Two calls of the fused CPU kernel (log-sum-exp with the roles swapped) give what building the causal
+    attention matrix block by block and summing it over the queries gives, to float32 rounding."""
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(2, 3, 300, 16, generator=generator) * spread
+    key = torch.randn(2, 3, 300, 16, generator=generator) * spread
+    fused = _received_fused(query, key, 0.25)
+    blockwise = _received_blockwise(query, key, 0.25)
+    torch.testing.assert_close(fused, blockwise, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(fused.sum(dim=-1), torch.full((2, 3), 300.0), rtol=1e-5, atol=0)

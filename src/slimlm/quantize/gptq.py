@@ -18,14 +18,16 @@ applied at once ("lazy batch"). Follows IST-DASLab/gptq's `fasterquant`, with th
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from pydantic import Field
 from torch import nn
 
-from slimlm.calibrate import observe_layer, walk_layers
+from slimlm.calibrate import true_sequential, walk_layers
 from slimlm.hessian import conditioning_notes, drop_dead_inputs, inverse_hessian_factor
-from slimlm.modules import SEQUENTIAL_SETS, VALUE, layer_linears
-from slimlm.quantize.grid import QuantGrid, QuantizedWeight, decode, encode, grid_params
+from slimlm.modules import VALUE, layer_linears
+from slimlm.quantize.grid import QuantGrid, QuantizedWeight, encode_scaled, grid_params, inverse_scale
 from slimlm.quantize.stage import QuantizeOptions, register_quant_method, store_quantized
 from slimlm.quantize.value_hessian import value_hessians
 
@@ -39,47 +41,68 @@ class GPTQOptions(QuantizeOptions):
 
 
 class GPTQ:
-    """Quantizes one weight matrix [rows, columns] onto `grid` given the Hessian H = 2/n·XᵀX of its inputs.
+    """Quantizes weight matrices onto `grid` given the Hessian H = 2/n·XᵀX of their inputs: one matrix [rows, columns]
+    with H [columns, columns], or a stack [batch, rows, columns] with one Hessian each [batch, columns, columns]
+    (v_proj's KV heads), all rounded in one column loop. Matrices sharing a Hessian (q/k, gate/up) are solved as
+    one by stacking their rows: rows are independent given H.
 
-    ``GPTQ(weight, hessian, grid, damp=0.01, act_order=False).quantize(blocksize=128)`` returns a QuantizedWeight
-    whose dequantized values are the GPTQ solution. The arguments are not modified.
+    ``GPTQ(weight, hessian, grid, damp=0.01, act_order=False).quantize(blocksize=128)`` returns the QuantizedWeight
+    of one matrix, `.quantize_stack()` one per matrix of a stack; their dequantized values are the GPTQ solution.
+    `dead_inputs` and `damp_used` hold one entry per matrix. The arguments are not modified.
     """
 
     def __init__(
         self, weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, damp: float = 0.01, act_order: bool = False
     ):
         self.grid = grid
-        self.weight = weight.detach().float().clone()
-        hessian = hessian.detach().float().clone()
-        columns = self.weight.shape[1]
+        weight, hessian = weight.detach().float(), hessian.detach().float()
+        self.weight = (weight.unsqueeze(0) if weight.dim() == 2 else weight).clone()  # [batch, rows, columns]
+        hessians = (hessian.unsqueeze(0) if hessian.dim() == 2 else hessian).clone()
+        batch, rows, columns = self.weight.shape
         self.width = grid.group_width(columns)
-        self.dead_inputs = drop_dead_inputs(self.weight, hessian)
+        self.dead_inputs = [drop_dead_inputs(w, h) for w, h in zip(self.weight, hessians, strict=True)]
         # visiting order: the inputs with the largest (squared) activations first, while most columns remain to
         # absorb their error
-        order = torch.argsort(hessian.diagonal(), descending=True) if act_order else torch.arange(columns)
-        self.order = order.to(self.weight.device)
-        self.column_order = self.order.tolist()  # for the column loop, without a device sync per column
-        self.hinv, self.damp_used = inverse_hessian_factor(hessian[self.order][:, self.order], damp)
+        if act_order:
+            self.order = torch.argsort(hessians.diagonal(dim1=1, dim2=2), dim=1, descending=True)
+        else:
+            self.order = torch.arange(columns, device=self.weight.device).expand(batch, columns)
+        factors = [inverse_hessian_factor(h[o][:, o], damp) for h, o in zip(hessians, self.order, strict=True)]
+        self.hinv = torch.stack([factor for factor, _ in factors])
+        self.damp_used = [used for _, used in factors]
         # static parameters (act_order, or one group per row) from the original weights; else set as groups start
         self.static = act_order or self.width == columns
-        groups = grid.group_view(self.weight)
+        groups = self.weight.view(batch, rows, columns // self.width, self.width)
         if self.static:
             self.scale, self.zero = grid_params(groups, grid)
         else:
-            self.scale = torch.ones(groups.shape[:2], device=self.weight.device)
+            self.scale = torch.ones(groups.shape[:3], device=self.weight.device)
             self.zero = torch.zeros_like(self.scale)
 
     def quantize(self, blocksize: int = 128) -> QuantizedWeight:
-        weight = self.weight[:, self.order]  # a permuted copy, updated in place
-        codes = torch.zeros_like(weight)
+        (quantized,) = self.quantize_stack(blocksize)
+        return quantized
+
+    def quantize_stack(self, blocksize: int = 128) -> list[QuantizedWeight]:
+        index = self.order.unsqueeze(1).expand_as(self.weight)
+        weight = self.weight.gather(2, index)  # a permuted copy, updated in place
+        codes = torch.zeros_like(weight)  # in visiting order
+        per_column = self._static_columns(index) if self.static else None
         start = 0
-        while start < weight.shape[1]:
-            end = self._block_end(start, blocksize, weight.shape[1])
-            errors = self._quantize_block(weight, start, end, codes)
+        while start < weight.shape[2]:
+            end = self._block_end(start, blocksize, weight.shape[2])
+            errors = self._quantize_block(weight, start, end, codes, per_column)
             # the block's rounding errors, spread over every column to its right at once (the "lazy batch" update)
-            weight[:, end:] -= errors @ self.hinv[start:end, end:]
+            weight[:, :, end:] -= errors @ self.hinv[:, start:end, end:]
             start = end
-        return QuantizedWeight(codes.to(torch.uint8), self.scale.half(), self.zero.to(torch.uint8), self.grid)
+        codes = torch.zeros_like(codes).scatter_(2, index, codes).to(torch.uint8)
+        scale, zero = self.scale.half(), self.zero.to(torch.uint8)
+        return [QuantizedWeight(c, s, z, self.grid) for c, s, z in zip(codes, scale, zero, strict=True)]
+
+    def _static_columns(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """1/Δ, float16-rounded Δ and z of every column, in visiting order (static groups)."""
+        group = index // self.width
+        return tuple(p.gather(2, group) for p in (inverse_scale(self.scale), self.scale.half().float(), self.zero))
 
     def _block_end(self, start: int, blocksize: int, columns: int) -> int:
         """End of the block from `start`: cut back to a group boundary when that keeps the block non-empty, so a
@@ -89,79 +112,96 @@ class GPTQ:
             end = end // self.width * self.width
         return end
 
-    def _quantize_block(self, weight: torch.Tensor, start: int, end: int, codes: torch.Tensor) -> torch.Tensor:
+    def _quantize_block(self, weight, start: int, end: int, codes, per_column) -> torch.Tensor:
         """Round columns [start, end) of the (permuted) weight in place, each after the OBS updates of the ones
-        before it; writes their codes (original column order) and returns the scaled errors (w − q)/[H⁻¹]_ii."""
-        block, hinv = weight[:, start:end], self.hinv[start:end, start:end]
+        before it; writes their codes and returns the scaled errors (w − q)/[H⁻¹]_ii."""
+        block, hinv = weight[:, :, start:end], self.hinv[:, start:end, start:end]
+        pivots = hinv.diagonal(dim1=1, dim2=2).unsqueeze(1)  # [batch, 1, columns]
         errors = torch.zeros_like(block)
         for i in range(end - start):
-            column = self.column_order[start + i]
-            group = column // self.width
-            if not self.static and column % self.width == 0:
-                self.scale[:, group], self.zero[:, group] = grid_params(
-                    weight[:, column : column + self.width], self.grid
-                )
-            scale, zero = self.scale[:, group], self.zero[:, group]
-            codes[:, column] = encode(block[:, i], scale, zero, self.grid)
-            rounded = decode(codes[:, column], scale, zero)
-            errors[:, i] = (block[:, i] - rounded) / hinv[i, i]
-            block[:, i:] -= errors[:, i : i + 1] @ hinv[i : i + 1, i:]
-            block[:, i] = rounded  # exactly on the grid (the update above leaves it only up to rounding)
+            column = start + i
+            if per_column is not None:
+                inverse, scale, zero = (p[:, :, column] for p in per_column)
+            else:
+                if column % self.width == 0:  # a group starts: its parameters from the weights as updated so far
+                    group = column // self.width
+                    found = grid_params(weight[:, :, column : column + self.width], self.grid)
+                    self.scale[:, :, group], self.zero[:, :, group] = found
+                    self._group = inverse_scale(found[0]), found[0].half().float(), found[1]
+                inverse, scale, zero = self._group  # the current group's (it may have started in an earlier block)
+            values = block[:, :, i]
+            code = encode_scaled(values * inverse, zero, self.grid)
+            codes[:, :, column] = code
+            rounded = scale * (code - zero)
+            errors[:, :, i] = (values - rounded) / pivots[:, :, i]
+            block[:, :, i:] -= errors[:, :, i : i + 1] @ hinv[:, i : i + 1, i:]
+            block[:, :, i] = rounded  # exactly on the grid (the update above leaves it only up to rounding)
         return errors
 
 
-def gptq_per_head(
-    weight: torch.Tensor, hessians: list[torch.Tensor], grid: QuantGrid, damp: float, act_order: bool, blocksize: int
-) -> tuple[QuantizedWeight, list[GPTQ]]:
-    """GPTQ of a matrix whose row blocks (one per KV head) each have their own Hessian; the blocks' codes, scales
-    and zero points stacked back in row order."""
-    rows = weight.shape[0] // len(hessians)
-    solvers = [
-        GPTQ(weight[i * rows : (i + 1) * rows], hessian, grid, damp, act_order) for i, hessian in enumerate(hessians)
+def stacked_solve(weights: list[torch.Tensor], hessian: torch.Tensor, grid: QuantGrid, options: GPTQOptions):
+    """GPTQ of matrices sharing one Hessian, solved as one matrix of their stacked rows; one QuantizedWeight each."""
+    solver = GPTQ(torch.cat(weights), hessian, grid, options.damp, options.act_order)
+    stacked = solver.quantize(options.blocksize)
+    bounds = torch.tensor([0] + [w.shape[0] for w in weights]).cumsum(0).tolist()
+    parts = [
+        QuantizedWeight(*(getattr(stacked, f)[a:b] for f in ("codes", "scale", "zero")), grid)
+        for a, b in pairwise(bounds)
     ]
-    parts = [solver.quantize(blocksize) for solver in solvers]
-    stacked = QuantizedWeight(*(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero")), grid)
-    return stacked, solvers
+    return parts, solver
+
+
+def per_head_solve(weight: torch.Tensor, hessians: list[torch.Tensor], grid: QuantGrid, options: GPTQOptions):
+    """GPTQ of a matrix whose row blocks (one per KV head) each have their own Hessian, in one batched column loop;
+    the blocks' codes, scales and zero points stacked back in row order."""
+    heads = len(hessians)
+    solver = GPTQ(
+        weight.reshape(heads, -1, weight.shape[1]), torch.stack(hessians), grid, options.damp, options.act_order
+    )
+    parts = solver.quantize_stack(options.blocksize)
+    return QuantizedWeight(
+        *(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero")), grid
+    ), solver
 
 
 @register_quant_method("gptq", GPTQOptions)
 @torch.no_grad()
 def gptq_quantize(model, options: GPTQOptions, context) -> None:
     """GPTQ of every target Linear, layer by layer, true-sequential within a layer."""
-    grid, targets = options.grid(), set(options.layer_targets())
+    grid, targets = options.grid(), options.layer_targets()
     trouble: list[str] = []
     plain_value: list[int] = []
 
-    def solve(index: int, name: str, linear: nn.Linear, hessian: torch.Tensor, per_head) -> None:
-        if per_head is not None:
-            quantized, solvers = gptq_per_head(
-                linear.weight, per_head, grid, options.damp, options.act_order, options.blocksize
-            )
-        else:
-            solvers = [GPTQ(linear.weight, hessian, grid, options.damp, options.act_order)]
-            quantized = solvers[0].quantize(options.blocksize)
-        store_quantized(linear, quantized)
-        for solver in solvers:
-            trouble.extend(
-                conditioning_notes(
-                    f"layers.{index}.{name}", solver.dead_inputs, solver.damp_used, options.damp, "rounded to nearest"
+    def note(index: int, names: list[str], solver: GPTQ) -> None:
+        for name in names:  # a stacked solve's Hessian is every one of its matrices'
+            for dead, used in zip(solver.dead_inputs, solver.damp_used, strict=True):
+                trouble.extend(
+                    conditioning_notes(f"layers.{index}.{name}", dead, used, options.damp, "rounded to nearest")
                 )
-            )
 
-    def quantize_layer(index: int, layer: nn.Module, inputs) -> None:
+    def quantize_layer(index: int, layer: nn.Module, inputs) -> list[torch.Tensor]:
         linears = layer_linears(layer)
-        for names in SEQUENTIAL_SETS:
-            chosen = [name for name in names if name in targets and name in linears]
-            if not chosen:
-                continue
-            stats = observe_layer(layer, inputs, chosen, hessian=True)
-            per_head = None
-            if VALUE in chosen and options.attention_weighted_v:
-                per_head = value_hessians(layer, inputs)
-                if per_head is None:
-                    plain_value.append(index)
-            for name in chosen:
-                solve(index, name, linears[name], stats.pop(name).hessian(), per_head if name == VALUE else None)
+        per_head = None
+        if VALUE in targets and VALUE in linears and options.attention_weighted_v:
+            per_head = value_hessians(layer, inputs)  # from the layer as it is before any of its Linears changes
+            if per_head is None:
+                plain_value.append(index)
+
+        def solve_set(names: list[str], stats) -> None:
+            if per_head is not None and VALUE in names:
+                quantized, solver = per_head_solve(linears[VALUE].weight, per_head, grid, options)
+                store_quantized(linears[VALUE], quantized)
+                note(index, [VALUE], solver)
+                names = [name for name in names if name != VALUE]
+            if names:  # the rest of the set reads one input: one Hessian, one solve
+                parts, solver = stacked_solve(
+                    [linears[n].weight for n in names], stats[names[0]].hessian(), grid, options
+                )
+                for name, quantized in zip(names, parts, strict=True):
+                    store_quantized(linears[name], quantized)
+                note(index, names, solver)
+
+        return true_sequential(layer, inputs, targets, solve_set)
 
     walk_layers(model, context.calibration.windows(model, context.notes), quantize_layer, description="gptq")
     weighting = (

@@ -114,7 +114,16 @@ def _nonzero(scale: torch.Tensor) -> torch.Tensor:
 
 def encode(values: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
     """Codes (float32 holding integers in 0..2^b − 1) of `values` for broadcastable scale and zero point."""
-    scaled = values.float() * (1.0 / _nonzero(scale.float()))  # ggml's x*id, id = 1/d
+    return encode_scaled(values.float() * inverse_scale(scale), zero, grid)  # ggml's x*id, id = 1/d
+
+
+def inverse_scale(scale: torch.Tensor) -> torch.Tensor:
+    """1/Δ in float32 (ggml's id), what `encode_scaled` expects its values multiplied by."""
+    return 1.0 / _nonzero(scale.float())
+
+
+def encode_scaled(scaled: torch.Tensor, zero: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """`encode` of values already multiplied by `inverse_scale` (solvers that round column by column reuse 1/Δ)."""
     if grid.sym and grid.bits == 8:
         rounded = _round_half_away(scaled) + zero
     else:

@@ -40,15 +40,39 @@ def received_attention(layer: nn.Module, hidden: torch.Tensor, position_embeddin
     query = layer.get_submodule(QUERY)(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     key = layer.get_submodule(KEY)(hidden).view(batch, length, -1, head_dim).transpose(1, 2)
     query, key = _rotary(attention)(query, key, *position_embeddings)
-    key = key.repeat_interleave(groups, dim=1).float().transpose(2, 3)
-    received = torch.zeros(batch, key.shape[1], length, device=hidden.device)
-    positions = torch.arange(length, device=hidden.device)
+    query, key = query.float(), key.repeat_interleave(groups, dim=1).float()
+    fused = query.device.type == "cpu" and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    received = (_received_fused if fused else _received_blockwise)(query, key, attention.scaling)
+    return received.view(batch, -1, groups, length).mean(dim=2)
+
+
+def _received_blockwise(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Σ_q softmax_t(q·k_t·scaling) per key t, [batch, heads, seq], the attention matrix built in blocks of queries."""
+    length = query.shape[2]
+    key = key.transpose(2, 3)
+    received = torch.zeros(query.shape[:3], device=query.device)
+    positions = torch.arange(length, device=query.device)
     for start in range(0, length, _QUERY_BLOCK):  # blocks of queries keep the score tensor small
         rows = positions[start : start + _QUERY_BLOCK]
-        scores = (query[:, :, rows].float() @ key) * attention.scaling
+        scores = (query[:, :, rows] @ key) * scaling
         future = positions[None, :] > rows[:, None]
         received += scores.masked_fill(future, float("-inf")).softmax(dim=-1).sum(dim=2)
-    return received.view(batch, -1, groups, length).mean(dim=2)
+    return received
+
+
+def _received_fused(query: torch.Tensor, key: torch.Tensor, scaling: float) -> torch.Tensor:
+    """The same sums from two calls of torch's fused CPU attention kernel, which never builds the attention matrix
+    and returns each query's log-sum-exp. With lse_q = log Σ_{t≤q} exp(s_qt) from the first call, the received
+    attention is R_t = Σ_{q≥t} exp(s_qt − lse_q): the log-sum-exp of a second attention with the roles swapped
+    (keys ask, queries answer), −lse_q carried by an extra dimension (query side [k_t, 1], key side
+    [q·scaling, −lse_q], scale 1), and the positions reversed so that "q ≥ t" is the kernel's causal mask."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    # the kernel's outputs are not needed, only its log-sum-exp (the values must have the queries' width)
+    _, query_lse = flash(query, key, torch.zeros_like(query), 0.0, True, scale=scaling)
+    asking = torch.cat([key, torch.ones_like(key[..., :1])], dim=-1).flip(2)
+    answering = torch.cat([query * scaling, -query_lse.unsqueeze(-1)], dim=-1).flip(2)
+    _, received_lse = flash(asking, answering, torch.zeros_like(asking), 0.0, True, scale=1.0)
+    return received_lse.flip(2).exp()
 
 
 def supports_value_weighting(layer: nn.Module) -> bool:

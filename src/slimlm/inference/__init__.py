@@ -1,0 +1,1 @@
+"""Running compressed models: decoding with a static KV cache, generation, chat, and the inference-side caches."""
