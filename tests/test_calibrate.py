@@ -106,3 +106,22 @@ def test_a_layer_of_another_form_takes_the_pass_per_set_path(tiny_model, monkeyp
     outputs, _ = _sequential_run(layer, inputs)
     assert calibrate._RESIDUAL_FORM[type(layer)] is False
     assert all(torch.equal(out, ref) for out, ref in zip(outputs, run_layer(layer, inputs), strict=True))
+
+
+def test_a_visitor_that_only_measures_runs_each_layer_once(tiny_model, monkeypatch):
+    windows = torch.randint(0, tiny_model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = tiny_model(windows, output_hidden_states=True).hidden_states
+    passes, seen = [], {}
+    counted = calibrate.run_layer
+    monkeypatch.setattr(calibrate, "run_layer", lambda layer, inputs: passes.append(1) or counted(layer, inputs))
+
+    def measure(index, layer, inputs):
+        seen[index] = torch.cat(inputs.hidden)
+        _, outputs = calibrate.observe_and_run(layer, inputs)
+        return outputs
+
+    walk_layers(tiny_model, windows, measure)
+    assert len(passes) == tiny_model.config.num_hidden_layers  # the walk used the visitor's outputs
+    for index, hidden in seen.items():
+        torch.testing.assert_close(hidden, full[index], atol=1e-5, rtol=1e-5)

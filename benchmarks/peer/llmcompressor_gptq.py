@@ -58,6 +58,17 @@ def load_windows(path: Path) -> torch.Tensor:
     return windows
 
 
+def memory_status(field: str) -> int | None:
+    """A field of /proc/self/status in bytes (VmRSS: now; VmHWM: the peak so far); None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def versions() -> dict:
     from importlib.metadata import version
 
@@ -132,6 +143,7 @@ def main() -> None:
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     load_seconds = time.perf_counter() - total_start
+    rss_after_load = memory_status("VmRSS")
 
     recipe = GPTQModifier(config_groups=SCHEME, ignore=["lm_head"])
     start = time.perf_counter()
@@ -147,6 +159,7 @@ def main() -> None:
     )
     oneshot_seconds = time.perf_counter() - start
     total_seconds = time.perf_counter() - total_start  # imports, data set, model load and oneshot
+    peak_rss = memory_status("VmHWM")  # before the checks and the file writing below
 
     linears = decoder_linears(model)
     if not linears:
@@ -188,6 +201,8 @@ def main() -> None:
             "zero_point_all_zero": all(c.get("zero_point_all_zero", True) for c in checks.values()),
         },
         "torch_threads": torch.get_num_threads(),
+        "peak_rss_bytes": peak_rss,
+        "rss_after_load_bytes": rss_after_load,
         "device": str(first.weight.device),
         "versions": versions(),
     }

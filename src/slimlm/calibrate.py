@@ -188,15 +188,27 @@ def observe_layer(
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, InputStats]:
     """Input statistics of the chosen Linears over the layer's calibration inputs; the forward stops at the last
-    chosen Linear's input (its outputs are not needed)."""
-    linears = layer_linears(layer)
-    if names is not None:
-        linears = {name: linears[name] for name in names}
-    with collect_input_stats(linears, hessian, dtype, stop=True) as stats:
+    chosen Linear's input (its outputs are not needed: the method changes the layer, which then runs again)."""
+    with collect_input_stats(_chosen(layer, names), hessian, dtype, stop=True) as stats:
         for hidden in inputs.hidden:
             with suppress(_StopForward):
                 layer(hidden, **inputs.kwargs)
     return stats
+
+
+def observe_and_run(
+    layer: nn.Module, inputs: LayerInputs, names: list[str] | None = None, hessian: bool = False
+) -> tuple[dict[str, InputStats], list[torch.Tensor]]:
+    """Statistics and the layer's outputs from one full pass, for visitors that only measure (a visitor returning
+    the outputs spares walk_layers its own pass)."""
+    with collect_input_stats(_chosen(layer, names), hessian) as stats:
+        outputs = run_layer(layer, inputs)
+    return stats, outputs
+
+
+def _chosen(layer: nn.Module, names: list[str] | None) -> dict[str, nn.Linear]:
+    linears = layer_linears(layer)
+    return linears if names is None else {name: linears[name] for name in names}
 
 
 def _cut_at(module: nn.Module, batches: Iterable, run: Callable, sink: Callable[[torch.Tensor], None]) -> None:

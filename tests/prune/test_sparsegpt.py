@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -129,3 +131,18 @@ def test_sparsegpt_options_are_validated_in_one_line(options, message):
     with pytest.raises(SlimlmError) as error:
         parse_recipe({"model": "m", "stages": [{"prune": options}]})
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_attention_weighted_v_prunes_each_kv_head_with_its_own_hessian(tiny_model):
+    plain, weighted = copy.deepcopy(tiny_model), copy.deepcopy(tiny_model)
+    windows = random_windows(tiny_model)
+    run_prune_stage(plain, windows, method="sparsegpt", sparsity=0.5)
+    run_prune_stage(weighted, windows, method="sparsegpt", sparsity=0.5, attention_weighted_v=True)
+    heads = tiny_model.config.num_key_value_heads
+    for layer_plain, layer_weighted in zip(decoder_layers(plain), decoder_layers(weighted), strict=True):
+        value = layer_weighted.self_attn.v_proj.weight
+        for block in value.split(value.shape[0] // heads):  # every head's rows pruned to the target on its own
+            assert int((block == 0).sum()) == block.numel() // 2
+        assert not torch.equal(value, layer_plain.self_attn.v_proj.weight)  # another Hessian was used
+    first_plain, first_weighted = decoder_layers(plain)[0], decoder_layers(weighted)[0]  # same inputs: q_proj alike
+    assert torch.equal(first_weighted.self_attn.q_proj.weight, first_plain.self_attn.q_proj.weight)

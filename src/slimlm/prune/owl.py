@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slimlm.calibrate import observe_layer, walk_layers
+from slimlm.calibrate import observe_and_run, walk_layers
 from slimlm.modules import layer_linears
 from slimlm.prune.unstructured import PruneOptions, register_allocation
 from slimlm.prune.wanda import wanda_scores
@@ -35,10 +35,11 @@ def measure_outlier_ratios(model, windows: torch.Tensor, threshold: float) -> li
     """Each decoder layer's outlier ratio of Wanda scores, on the dense model (nothing is modified)."""
     ratios: list[float] = []
 
-    def measure(index: int, layer: nn.Module, inputs) -> None:
-        stats = observe_layer(layer, inputs)
+    def measure(index: int, layer: nn.Module, inputs) -> list[torch.Tensor]:
+        stats, outputs = observe_and_run(layer, inputs)
         scores = [wanda_scores(linear, stats[name]) for name, linear in layer_linears(layer).items()]
         ratios.append(outlier_ratio(scores, threshold))
+        return outputs  # the layer is unchanged: its outputs feed the next layer
 
     walk_layers(model, windows, measure, description="owl outliers")
     return ratios

@@ -5,7 +5,8 @@ weights: columns are visited left to right and the error of pruning column i is 
 visited through the inverse Hessian (the OBS update), so the kept weights compensate for the dropped ones. The mask
 is chosen adaptively, block by block, on w²/[H⁻¹]²_ii of the already-updated weights. Follows
 IST-DASLab/sparsegpt's `fasterprune` (and locuslab/wanda's copy of it); the model is walked layer by layer with
-`walk_layers`, so a layer's Hessian comes from the outputs of the already-pruned layers before it.
+`walk_layers`, so a layer's Hessian comes from the outputs of the already-pruned layers before it. With
+`attention_weighted_v`, v_proj is pruned per KV head, each with its attention-weighted Hessian.
 """
 
 from __future__ import annotations
@@ -16,14 +17,18 @@ from torch import nn
 
 from slimlm.calibrate import observe_layer, walk_layers
 from slimlm.hessian import conditioning_notes, drop_dead_inputs, inverse_hessian_factor
-from slimlm.modules import layer_linears
+from slimlm.modules import VALUE, layer_linears
 from slimlm.prune.masks import nm_mask, parse_pattern, unstructured_mask
 from slimlm.prune.unstructured import PruneOptions, layer_sparsities, register_prune_method
+from slimlm.value_hessian import value_hessians
 
 
 class SparseGPTOptions(PruneOptions):
     blocksize: int = Field(128, ge=1)  # columns pruned before their errors are spread over the rest at once
     damp: float = Field(0.01, gt=0, lt=1)  # × mean diag(H), added to H's diagonal
+    # v_proj's rows pruned per KV head with a Hessian weighing each token by the attention it receives
+    # (slimlm/value_hessian.py, as GPTQ does); measured in benchmarks/value_weighting.py
+    attention_weighted_v: bool = False
 
     @field_validator("blocksize")
     @classmethod
@@ -113,15 +118,23 @@ def sparsegpt_prune(model, options: SparseGPTOptions, context) -> None:
     trouble: list[str] = []
 
     def prune_layer(index: int, layer: nn.Module, inputs) -> None:
+        per_head = value_hessians(layer, inputs) if options.attention_weighted_v else None
         stats = observe_layer(layer, inputs, hessian=True)
         for name, linear in layer_linears(layer).items():
-            pruner = SparseGPT(linear.weight.data, stats.pop(name).hessian(), options.damp)
-            linear.weight.data.copy_(pruner.prune(sparsities[index], nm, options.blocksize))
-            trouble.extend(
-                conditioning_notes(
-                    f"layers.{index}.{name}", pruner.dead_inputs, pruner.damp_used, options.damp, "pruned by magnitude"
+            hessians = per_head if name == VALUE and per_head is not None else [stats[name].hessian()]
+            rows = linear.out_features // len(hessians)  # one block of rows per Hessian (per KV head for v_proj)
+            for block, hessian in zip(linear.weight.data.split(rows), hessians, strict=True):
+                pruner = SparseGPT(block, hessian, options.damp)
+                block.copy_(pruner.prune(sparsities[index], nm, options.blocksize))
+                trouble.extend(
+                    conditioning_notes(
+                        f"layers.{index}.{name}",
+                        pruner.dead_inputs,
+                        pruner.damp_used,
+                        options.damp,
+                        "pruned by magnitude",
+                    )
                 )
-            )
 
     walk_layers(model, context.calibration.windows(model, context.notes), prune_layer, description="sparsegpt")
     context.notes.append(

@@ -29,14 +29,14 @@ from slimlm.hessian import conditioning_notes, drop_dead_inputs, inverse_hessian
 from slimlm.modules import VALUE, layer_linears
 from slimlm.quantize.grid import QuantGrid, QuantizedWeight, encode_scaled, grid_params, inverse_scale
 from slimlm.quantize.stage import QuantizeOptions, register_quant_method, store_quantized
-from slimlm.quantize.value_hessian import value_hessians
+from slimlm.value_hessian import value_hessians
 
 
 class GPTQOptions(QuantizeOptions):
     act_order: bool = False  # visit columns by descending diag H (with static groups)
     damp: float = Field(0.01, gt=0, lt=1)  # × mean diag(H), added to H's diagonal
     blocksize: int = Field(128, ge=1)  # columns rounded before their errors are spread over the rest at once
-    # v_proj's Hessian weighs each token by the attention it receives (quantize/value_hessian.py); False: plain XᵀX
+    # v_proj's Hessian weighs each token by the attention it receives (slimlm/value_hessian.py); False: plain XᵀX
     attention_weighted_v: bool = True
 
 

@@ -18,7 +18,7 @@ import torch
 from pydantic import AfterValidator, Field, PositiveInt, ValidationInfo, field_validator
 from torch import nn
 
-from slimlm.calibrate import observe_layer, walk_layers
+from slimlm.calibrate import observe_and_run, walk_layers
 from slimlm.errors import SlimlmError
 from slimlm.modules import SHORT_NAMES, decoder_layers
 from slimlm.quantize.codebook import pack_codebooks
@@ -96,11 +96,13 @@ def channel_energies(model, names: list[str], context) -> dict[str, torch.Tensor
     energies: dict[str, torch.Tensor] = {}
     wanted = set(names)
 
-    def observe(index: int, layer: nn.Module, inputs) -> None:
+    def observe(index: int, layer: nn.Module, inputs) -> list[torch.Tensor]:
         prefix = f"model.layers.{index}."
         local = [name.removeprefix(prefix) for name in wanted if name.startswith(prefix)]
-        for local_name, stats in observe_layer(layer, inputs, local).items():
-            energies[prefix + local_name] = stats.channel_norm().pow(2)
+        stats, outputs = observe_and_run(layer, inputs, local)
+        for local_name, found in stats.items():
+            energies[prefix + local_name] = found.channel_norm().pow(2)
+        return outputs  # the layer is unchanged: its outputs feed the next layer
 
     windows = context.calibration.windows(model, context.notes)
     walk_layers(model, windows, observe, description="share (activation energy)")
