@@ -100,7 +100,8 @@ PEERS = {
         ROOT / "scripts" / "peer_gptqmodel_venv.sh",
         ROOT / "benchmarks" / ".peer-gptqmodel-venv",
         ROOT / "benchmarks" / "peer" / "gptqmodel_gptq.py",
-        "GPTQModel int4 symmetric per group of 64 (its own scale rule; see the row's peer summary)",
+        "GPTQModel int4 symmetric: scale = max|w|/7.5 per group of 64, codes -8..7; group scales set as GPTQ "
+        "reaches each group; natural order (desc_act/act_group_aware off); true-sequential",
     ),
 }
 

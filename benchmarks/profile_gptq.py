@@ -1,11 +1,12 @@
 """Where GPTQ's time goes: the `quantize` stage (method gptq) under cProfile on the built-in SmolLM2-135M.
 
 Runs the stage on the first `--layers` decoder layers (the model cut after them: every layer costs the same, so a
-few show the split) with `--calib-samples` C4 windows of `--calib-seq-len` tokens, and prints the wall time per
-layer and the top entries by own time (tottime) and by cumulative time. The profile counts CPU time (time.process_time), not wall time: on a shared 2-core machine
-wall time mostly measures the other processes, while CPU time stays close to what a quiet machine shows; both
-totals are reported, with the load average. One torch thread by default (--threads), so CPU time is not inflated
-by threads spinning for each other. Writes benchmarks/results/profile_gptq.json.
+few show the split) with `--calib-samples` C4 windows of `--calib-seq-len` tokens, and prints the time per layer
+and the top entries by own time (tottime) and by cumulative time. The profile counts CPU time (time.process_time),
+not wall time: on a shared 2-core machine wall time mostly measures the other processes, while CPU time stays close
+to what a quiet machine shows; both totals are reported, with the load average. One torch thread by default
+(--threads), so CPU time is not inflated by threads spinning for each other. Writes
+benchmarks/results/profile_gptq.json.
 
     python benchmarks/profile_gptq.py [--layers 4] [--calib-samples 4] [--calib-seq-len 2048] [--group-size 64]
 """
