@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import sys
 import tempfile
@@ -74,17 +75,18 @@ class StageBench:
         with tempfile.TemporaryDirectory() as scratch:
             context = self.context(Path(scratch))
             with PeakMemory() as peak:
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 for name, options in stages:
                     spec = get_stage(name)
                     model = spec.apply(model, spec.options_model(options).model_validate(options), context)
-                seconds = time.perf_counter() - start
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
             notes += context.notes
             folder = None
             if save:
                 folder = Path(scratch) / "model"
                 save_model(model, self.tokenizer, folder)
-            self.measure(label, model, seconds, peak, {"stages": stages, "notes": notes}, folder, speed_kernel)
+            extra = {"stages": stages, "notes": notes, "cpu_seconds": cpu_seconds}
+            self.measure(label, model, seconds, peak, extra, folder, speed_kernel)
 
     def measure(
         self,
@@ -106,6 +108,7 @@ class StageBench:
         row = {r.metric: r.value for r in records}
         row.update(
             seconds=seconds,
+            load_average=os.getloadavg()[0],
             peak_rss_bytes=None if peak is None else peak.peak_bytes,
             peak_extra_rss_bytes=None if peak is None else peak.peak_bytes - peak.start_bytes,
             protocols={r.metric: r.protocol for r in records},
