@@ -16,13 +16,18 @@ def _run_stage(model, windows, tmp_path, name, **options):
     return spec.apply(model, spec.options_model(options).model_validate(options), context)
 
 
-@pytest.fixture()
-def bf16_checkpoint(tmp_path, tiny_tokenizer):
-    model = build_tiny_llama(len(tiny_tokenizer), layers=3, tie=False).to(torch.bfloat16)
+def write_bf16_checkpoint(tmp_path, tokenizer):
+    """A 3-layer tiny model in bfloat16, saved in several shards (so the index path is exercised)."""
+    model = build_tiny_llama(len(tokenizer), layers=3, tie=False).to(torch.bfloat16)
     folder = tmp_path / "dense"
-    model.save_pretrained(folder, max_shard_size="100KB")  # several shards, so the index path is exercised
+    model.save_pretrained(folder, max_shard_size="100KB")
     assert (folder / "model.safetensors.index.json").exists()
     return model, folder
+
+
+@pytest.fixture()
+def bf16_checkpoint(tmp_path, tiny_tokenizer):
+    return write_bf16_checkpoint(tmp_path, tiny_tokenizer)
 
 
 @pytest.mark.parametrize("method,allocation", [("wanda", "uniform"), ("wanda", "owl"), ("sparsegpt", "uniform")])

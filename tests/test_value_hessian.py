@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from conftest import build_tiny_llama
+from slimlm import value_hessian
 from slimlm.calibrate import capture_first_layer_inputs
 from slimlm.modules import decoder_layers
-from slimlm import value_hessian
 from slimlm.quantize.gptq import GPTQOptions, per_head_solve
 from slimlm.quantize.grid import QuantGrid
 from slimlm.value_hessian import _received_blockwise, _received_fused, value_hessians

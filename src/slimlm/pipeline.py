@@ -6,6 +6,15 @@ Layout of the output folder::
     stages/01-prune/      the model after stage 1 (safetensors + config + tokenizer + slimlm_stage.json)
     model/                the final model (hard links to the last stage's files)
     report.md, report.json, plots/*.png
+
+A streamed run (the recipe's `stream`, preflight.streaming_choice) never holds the whole model: each stage streams
+its source folder (the model folder, then the previous stage's folder) layer by layer into its own stage folder
+(streaming.py), the original is read a layer at a time when a stage compares with it (EoRA), and only sizes on disk
+and the stage's peak memory are recorded: perplexity, tasks and speed need the whole model (`slimlm eval` on a
+folder where it fits).
+
+Under ``accelerate launch`` every rank runs the recipe (training stages are collective), but only rank 0 evaluates
+and writes the folder; the other ranks write nothing but their training shards and RNG states in scratch/.
 """
 
 from __future__ import annotations
@@ -20,14 +29,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from transformers import AutoTokenizer
+
 from slimlm import __version__
 from slimlm.calibration import Calibration
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.records import Record
-from slimlm.models import LoadedModel, load_model, save_model, source_fingerprint
+from slimlm.models import LoadedModel, load_model, resolve_source, save_model, source_fingerprint, torch_dtype
 from slimlm.paths import cache_dir
+from slimlm.preflight import streaming_choice
 from slimlm.recipe import EvaluateConfig, Recipe, check_recipe
+from slimlm.recover.distributed import is_main_process
 from slimlm.registry import StageContext, get_stage
+from slimlm.storage import read_config
+from slimlm.streaming import layer_stream, load_streamed, streamed_reference
 
 STATE_FILE = "state.json"
 STAGE_META_FILE = "slimlm_stage.json"
@@ -104,8 +119,9 @@ def _remove_partial_saves(out: Path) -> None:
     """Temporary folders and files of saves a killed run left (models.save_model, _link_final_model,
     write_json_atomic): never read, only in the way."""
     for folder in (out, out / "stages"):
-        for path in folder.glob(".*.tmp-*"):
-            _remove(path)
+        for pattern in (".*.tmp-*", ".*.partial"):  # .partial: a streamed stage's folder (streaming.LayerStream)
+            for path in folder.glob(pattern):
+                _remove(path)
 
 
 def _remove_earlier_run(out: Path) -> None:
@@ -134,11 +150,21 @@ def _link_final_model(stage_folder: Path, final: Path) -> None:
     os.replace(tmp, final)
 
 
+def _disk_records(folder: str | Path) -> list[Record]:
+    """Size on disk of a model folder, for a streamed run, which cannot evaluate the whole model."""
+    from slimlm.evaluate.footprint import size_on_disk, weight_files
+
+    protocol = {"path": str(folder), "files": [f.name for f in weight_files(folder)]}
+    return [Record("size", "size_on_disk", size_on_disk(folder), "bytes", False, protocol)]
+
+
 class Pipeline:
     def __init__(self, recipe: Recipe, resume: bool = False):
         self.recipe = recipe
         self.out = Path(recipe.output)
         self.resume = resume
+        self.writes = is_main_process()  # the only process, or rank 0 under accelerate launch
+        self.streaming = None  # preflight.StreamingChoice, made when the run starts
 
     def _initial_state(self) -> RunState:
         if self.out.exists() and not self.out.is_dir():
@@ -155,18 +181,20 @@ class Pipeline:
 
     def run(self) -> dict:
         check_recipe(self.recipe)  # the model's config against the stages, data and tasks: before anything is written
+        self.streaming = streaming_choice(self.recipe)
         state = self._initial_state()
         # Nothing is written before the original loads and evaluates: a bad model or task leaves no folder behind.
-        loaded = load_model(self.recipe.model, self.recipe.dtype)
-        original_records, cached = evaluate_original(loaded, self.recipe.evaluate)
+        loaded, original_records, cached = self._original()
         self._prepare_folder(state)
         model = self._starting_model(loaded, state)
         calibration = Calibration(self.recipe.calibration, loaded.tokenizer)
-        context = StageContext(loaded.tokenizer, calibration, self.out / "scratch", lambda: loaded.model)
+        context = StageContext(loaded.tokenizer, calibration, self.out / "scratch", self._original_loader(loaded))
         for index, stage in enumerate(self.recipe.stages, start=1):
             if index <= len(state.completed):
                 continue
             model = self._run_stage(index, stage, model, loaded, context, state)
+        if not self.writes:
+            return self._summary(loaded, original_records, cached, state)
         self._write_final_model(loaded, state)
         exports = self._export(model, loaded)
         summary = self._summary(loaded, original_records, cached, state)
@@ -177,13 +205,35 @@ class Pipeline:
         return summary
 
     def _prepare_folder(self, state: RunState) -> None:
+        if not self.writes:
+            return
         if not self.resume:
             _remove_earlier_run(self.out)
         _remove_partial_saves(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         state.save(self.out)
 
+    def _original(self) -> tuple[LoadedModel, list[Record], bool]:
+        """The original model and its figures (cached or not); a streamed run reads only its tokenizer and size."""
+        if not self.streaming.streamed:
+            loaded = load_model(self.recipe.model, self.recipe.dtype)
+            if not self.writes:
+                return loaded, [], False
+            return (loaded, *evaluate_original(loaded, self.recipe.evaluate))
+        source = resolve_source(self.recipe.model)
+        config = read_config(source.path)[0]  # passed on: config.json's model type may be `slimlm` (storage.py)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, config=config)
+        return LoadedModel(None, tokenizer, source), _disk_records(source.path), False
+
+    def _original_loader(self, loaded: LoadedModel):
+        """What a stage calls for the uncompressed model: the loaded one, or a streamed reference read per layer."""
+        if not self.streaming.streamed:
+            return lambda: loaded.model
+        return lambda: streamed_reference(loaded.source.path, torch_dtype(self.recipe.dtype))
+
     def _starting_model(self, loaded: LoadedModel, state: RunState):
+        if self.streaming.streamed:
+            return None  # every stage streams its source folder (_stream_source)
         if state.completed:
             folder = self.out / state.completed[-1]["folder"]
             return load_model(str(folder), self.recipe.dtype).model
@@ -195,21 +245,30 @@ class Pipeline:
 
         spec = get_stage(stage.name)
         label = _stage_label(index, stage.name)
-        context.notes = []
+        folder = self.out / "stages" / label
+        streamed = self.streaming.streamed
+        context.notes = [self._streaming_note(state)] if streamed else []
         started = time.perf_counter()
         with PeakMemory() as peak:
+            if streamed:
+                model = load_streamed(self._stream_source(state), folder, torch_dtype(self.recipe.dtype))
             model = spec.apply(model, stage.options, context) or model
         seconds = time.perf_counter() - started
         notes = list(context.notes)
-        folder = self.out / "stages" / label
         meta = {
             "stage": stage.name,
             "options": stage.options.model_dump(mode="json"),
             "seconds": seconds,
             "notes": notes,
         }
-        save_model(model, loaded.tokenizer, folder, extra_json={STAGE_META_FILE: meta})
-        records = evaluate_measured(model, loaded.tokenizer, self.recipe.evaluate, loaded.model, folder)
+        if streamed:
+            layer_stream(model).finish(loaded.tokenizer, extra_json={STAGE_META_FILE: meta})
+            records = _disk_records(folder)
+        elif not self.writes:
+            records = []  # rank 0 saves and evaluates the stage; the others go on to the next one
+        else:
+            save_model(model, loaded.tokenizer, folder, extra_json={STAGE_META_FILE: meta})
+            records = evaluate_measured(model, loaded.tokenizer, self.recipe.evaluate, loaded.model, folder)
         records.append(peak_memory_record(peak, "stage"))
         state.completed.append(
             {
@@ -223,8 +282,25 @@ class Pipeline:
                 "records": [r.to_dict() for r in records],
             }
         )
-        state.save(self.out)
+        if self.writes:
+            state.save(self.out)
         return model
+
+    def _stream_source(self, state: RunState) -> Path:
+        """The folder a streamed stage reads: the previous stage's, or the model's."""
+        return (
+            self.out / state.completed[-1]["folder"]
+            if state.completed
+            else Path(resolve_source(self.recipe.model).path)
+        )
+
+    def _streaming_note(self, state: RunState) -> str:
+        return (
+            f"streamed layer by layer in {self.recipe.dtype} from {self._stream_source(state)} "
+            f"({self.streaming.reason}); only the size on "
+            "disk and the peak memory are measured: perplexity, tasks and speed need the whole model in memory "
+            "(slimlm eval on the stage folder where it fits)"
+        )
 
     def _write_final_model(self, loaded: LoadedModel, state: RunState) -> None:
         final = self.out / "model"
@@ -265,6 +341,7 @@ class Pipeline:
                 "cached": cached,
             },
             "stages": state.completed,
+            "streaming": {"streamed": self.streaming.streamed, "reason": self.streaming.reason},
             "model_folder": "model",
         }
 

@@ -5,6 +5,9 @@ a layer's input width, more layers removed than exist, more channels kept than t
 the config, following the shape through the stages that change it (depth and width pruning), together with the
 evaluation tasks and the calibration data. Every message starts with the recipe path of the field at fault. A shape
 a stage makes that cannot be known in advance (a width kept as a fraction) is left to the stage's own check.
+
+`streaming_choice` decides whether a run streams the model layer by layer (the recipe's `stream`; auto compares the
+whole model's size with the memory available) and `check_streamable` refuses what a streamed run cannot do.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 from slimlm.errors import SlimlmError
 from slimlm.modules import PROJECTION_WIDTHS, SHORT_NAMES, attention_head_dim
@@ -223,3 +228,82 @@ def check_exports(recipe) -> None:
                     f"export[{index}].{target.format}: stages[{position}].{stage.name} leaves modules it cannot write "
                     f"exactly ({reason}); {_EXACT_GRIDS[target.format][2]}, or set dequantize: true to write them dense"
                 )
+
+
+# The stage methods that run inside the calibration walk, which streams one decoder layer at a time (streaming.py);
+# every other stage or method needs the whole model in memory.
+STREAMING_METHODS = {"prune": ("wanda", "sparsegpt"), "quantize": ("gptq", "awq", "smoothquant"), "lowrank": ("eora",)}
+_GIB = 2**30
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def available_memory() -> int:
+    """Bytes the run may use: what the system can give without swapping."""
+    return psutil.virtual_memory().available
+
+
+@dataclass(frozen=True)
+class StreamingChoice:
+    """Whether the run streams the model layer by layer (streaming.py) or loads it whole, and why, in one line."""
+
+    streamed: bool
+    reason: str
+
+
+def streaming_choice(recipe) -> StreamingChoice:
+    """The recipe's `stream`: true and false as written; auto streams a model folder when the whole model would not
+    fit (the original plus the stages' working copy, in the recipe's dtype, over the memory available now). A stage
+    that cannot stream then fails here, naming it, before anything runs."""
+    from slimlm.models import resolve_source
+    from slimlm.streaming import checkpoint_numel
+
+    source = resolve_source(recipe.model)
+    if recipe.stream is False:
+        return StreamingChoice(False, "stream: false in the recipe")
+    if source.kind != "folder":
+        if recipe.stream is True:
+            raise SlimlmError(
+                f"stream: true needs a model folder with safetensors weights; model '{recipe.model}' is a "
+                f"{source.kind} source (convert it to a folder first)"
+            )
+        return StreamingChoice(False, f"stream: auto, a {source.kind} source is loaded whole")
+    if recipe.stream is True:
+        return StreamingChoice(True, "stream: true in the recipe")
+    needed = 2 * checkpoint_numel(source.path) * _DTYPE_BYTES[recipe.dtype]
+    available = available_memory()
+    estimate = (
+        f"the whole model needs ≈{needed / _GIB:.1f} GiB (the original and a working copy in {recipe.dtype}), "
+        f"{available / _GIB:.1f} GiB available"
+    )
+    if needed <= available:
+        return StreamingChoice(False, f"stream: auto, loaded whole: {estimate}")
+    reason = f"stream: auto, streamed: {estimate}"
+    try:
+        check_streamable(recipe, reason)
+    except SlimlmError as err:
+        raise SlimlmError(f"{err}; or set stream: false to load it whole anyway") from None
+    return StreamingChoice(True, reason)
+
+
+def check_streamable(recipe, why: str) -> None:
+    """A streamed run (chosen because of `why`) holds one decoder layer at a time: every stage must run inside the
+    calibration walk, the calibration data must not be sampled from the whole model, and nothing is exported."""
+    methods = "; ".join(f"{stage} ({', '.join(names)})" for stage, names in STREAMING_METHODS.items())
+    for index, stage in enumerate(recipe.stages):
+        method = getattr(stage.options, "method", None)
+        if method not in STREAMING_METHODS.get(stage.name, ()):
+            label = f"{stage.name} ({method})" if method else stage.name
+            raise SlimlmError(
+                f"stages[{index}].{label}: needs the whole model in memory, which a streamed run "
+                f"({why}) never loads; streaming runs {methods}"
+            )
+    if recipe.calibration.data == "self":
+        raise SlimlmError(
+            f"calibration.data: 'self' samples text from the whole model, which a streamed run ({why}) never loads; "
+            "use a named set or a file"
+        )
+    if recipe.export:
+        raise SlimlmError(
+            f"export: an export needs the whole model in memory, which a streamed run ({why}) never loads; drop it "
+            "and run `slimlm export` on the output folder where it fits"
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -52,12 +52,22 @@ class Stage(_Strict):
 
 class Recipe(_Strict):
     model: str
+    # true: compress layer by layer from the model folder (streaming.py), never holding the whole model; false: load
+    # it whole; auto: stream when the whole model would not fit in the memory available (preflight.streaming_choice)
+    stream: bool | Literal["auto"] = "auto"
     dtype: str = "float32"
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     stages: list[Stage] = Field(default_factory=list)
     export: list[ExportTarget] = Field(default_factory=list)  # deployable copies of the final model (export/)
     output: str = "runs/slimlm"
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _stream_choice(cls, value: Any) -> Any:
+        if value is not True and value is not False and value != "auto":
+            raise ValueError(f"{value!r} is not true, false or auto")
+        return value
 
     @field_validator("dtype")
     @classmethod
@@ -123,6 +133,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         raise SlimlmError("stages: a recipe needs at least one stage")
     recipe.stages = stages
     check_chain(stages)
+    if recipe.stream is True:
+        from slimlm.preflight import check_streamable
+
+        check_streamable(recipe, "stream: true")
     return recipe
 
 

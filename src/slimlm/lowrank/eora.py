@@ -9,6 +9,8 @@ are stored in float16 beside the compressed module (`CompensatedLinear`), which 
 The inputs are those of the compressed model, compensation included: the calibration walk (calibrate.walk_layers)
 feeds each decoder layer the outputs of the already compensated layers before it, and within a layer the Linears
 are compensated in GPTQ's true-sequential order, so o_proj sees the outputs of the compensated q/k/v, and so on.
+The original's weights are read one layer at a time (streaming.read_tensors), so a layer-streamed model can be
+compensated against a streamed original (streaming.streamed_reference) without either being whole in memory.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from slimlm.lowrank.stage import (
     target_modules,
 )
 from slimlm.modules import SEQUENTIAL_SETS, decoder_layers, named_decoder_linears
-from slimlm.streaming import require_materialized
+from slimlm.streaming import read_tensors
 
 
 class EoRAOptions(LowRankTargets):
@@ -41,9 +43,8 @@ class EoRAOptions(LowRankTargets):
 @torch.no_grad()
 def eora_compensate(model, options: EoRAOptions, context) -> None:
     """Wrap every compressed target in a CompensatedLinear holding EoRA factors of its error."""
-    require_materialized(model, "lowrank eora")
-    originals = _original_linears(model, context)
-    _check_targets(model, originals, options)
+    original = _original_model(model, context)
+    _check_targets(model, dict(named_decoder_linears(original)), options)
     targets = options.layer_targets()
     done: list[dict] = []
     untouched: list[str] = []
@@ -54,9 +55,11 @@ def eora_compensate(model, options: EoRAOptions, context) -> None:
             if not group:
                 continue
             covariances = _input_covariances(layer, inputs, group)
+            # the original's weights of this layer only: a streamed original is read a layer at a time
+            originals = read_tensors(original, [f"model.layers.{index}.{name}.weight" for name in group])
             for name, module in group.items():
                 full = f"model.layers.{index}.{name}"
-                result = _compensate(full, module, originals[full], covariances[name], options)
+                result = _compensate(full, module, originals[full + ".weight"], covariances[name], options)
                 if result is None:
                     untouched.append(full)
                     continue
@@ -67,8 +70,9 @@ def eora_compensate(model, options: EoRAOptions, context) -> None:
     context.notes.extend(_notes(done, untouched, options))
 
 
-def _original_linears(model: nn.Module, context) -> dict[str, nn.Linear]:
-    """The original model's decoder Linears by full name; the compressed model must have the same layers."""
+def _original_model(model: nn.Module, context) -> nn.Module:
+    """The original model (in memory, or a streamed reference whose layers are read on demand); the compressed model
+    must have the same layers."""
     if context.load_original is None:
         raise SlimlmError(
             "lowrank (eora): needs the original model to measure the compression error; none was given to the stage"
@@ -80,13 +84,14 @@ def _original_linears(model: nn.Module, context) -> dict[str, nn.Linear]:
             f"lowrank (eora): the model has {layers} decoder layers, the original {original_layers}; "
             "EoRA matches Linears by layer, so it cannot follow depth pruning"
         )
-    return dict(named_decoder_linears(original))
+    return original
 
 
 def _check_targets(model: nn.Module, originals: dict[str, nn.Linear], options: EoRAOptions) -> None:
-    """Every target has the original's shape and room for the rank: checked before the first module is wrapped."""
+    """Every target has the original's shape and room for the rank: checked before the first module is wrapped (from
+    the modules' widths, so a streamed model's meta placeholders are checked too)."""
     for name, _, _, module in target_modules(model, options):
-        shape, original = effective_weight(module).shape, originals.get(name)
+        shape, original = torch.Size((module.out_features, module.in_features)), originals.get(name)
         if original is None or original.weight.shape != shape:
             found = "no such Linear" if original is None else f"a {list(original.weight.shape)} weight"
             raise SlimlmError(
@@ -118,11 +123,12 @@ def _input_covariances(layer: nn.Module, inputs: LayerInputs, modules: dict[str,
 
 
 def _compensate(
-    name: str, module: nn.Module, original: nn.Linear, covariance: torch.Tensor, options: EoRAOptions
+    name: str, module: nn.Module, original: torch.Tensor, covariance: torch.Tensor, options: EoRAOptions
 ) -> dict | None:
-    """The CompensatedLinear for one module and what the notes need; None when it equals the original."""
+    """The CompensatedLinear for one module (`original`: the original's weight) and what the notes need; None when
+    it equals the original."""
     compressed = effective_weight(module).detach().float()
-    delta = original.weight.detach().to(compressed.device, torch.float32) - compressed
+    delta = original.detach().to(compressed.device, torch.float32) - compressed
     check_finite(name, options, "the compression error (original − compressed weights)", delta)
     if not delta.any():
         return None

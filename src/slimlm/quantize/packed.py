@@ -157,7 +157,7 @@ class QuantizedLinear(StoredModule, kind="packed"):
         return self.in_features * self.out_features
 
     def kernel_label(self) -> str:
-        on_cpu = self.qweight.device.type == "cpu"
+        on_cpu = self.qweight.device.type in ("cpu", "meta")  # meta: a streamed layer between loads, run on CPU
         kernel = self.kernel if on_cpu else kernels.DEQUANTIZED
         return kernel if kernel == kernels.DEQUANTIZED else f"{kernel} ({kernels.KERNEL_OPS[kernel]})"
 
@@ -231,12 +231,16 @@ def quantized_linears(model: nn.Module) -> list[tuple[str, QuantizedLinear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, QuantizedLinear)]
 
 
-def pack_model(model: nn.Module, kernel: str = "auto") -> int:
-    """Replace every Linear carrying codes (``slimlm_quantized``) by its QuantizedLinear; the number replaced."""
+def pack_model(model: nn.Module, kernel: str = "auto", layers: list[int] | None = None) -> int:
+    """Replace every Linear carrying codes (``slimlm_quantized``) by its QuantizedLinear, in the decoder layers
+    `layers` only when given (a streamed model packs each layer before writing it); the number replaced."""
+    prefixes = None if layers is None else tuple(f"model.layers.{index}." for index in layers)
     carriers = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and hasattr(module, QUANTIZED_ATTRIBUTE)
+        if isinstance(module, nn.Linear)
+        and hasattr(module, QUANTIZED_ATTRIBUTE)
+        and (prefixes is None or name.startswith(prefixes))
     ]
     return replace_linears(
         model,

@@ -9,6 +9,10 @@ model's dtype, and the exact codes, float16 scales and zero points ride along as
 codes at their bit width, float16 scales), so the saved folder holds the packed tensors and the forward pass runs
 a real low-bit kernel where one exists; ``pack: false`` keeps the fake-quantized Linears (for stages that edit
 weights in place afterwards), at full size and speed.
+
+Checking and packing are done layer by layer (`_LayerFinisher`, run through streaming.finishing_layers): after the
+method for an in-memory model, and on a layer-streamed model for each layer just before it is written, so a model
+bigger than memory is quantized with one layer's weights (and codes) in memory at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from pydantic import AfterValidator, Field, PositiveInt
 from torch import nn
 
 from slimlm.errors import SlimlmError
-from slimlm.modules import SHORT_NAMES, ProjectionName, decoder_layers, layer_projections, named_decoder_linears
+from slimlm.modules import (
+    SHORT_NAMES,
+    ProjectionName,
+    decoder_layers,
+    layer_linears,
+    layer_projections,
+    named_decoder_linears,
+)
 from slimlm.quantize.grid import QUANTIZED_ATTRIBUTE, QuantGrid, QuantizedWeight
 from slimlm.quantize.packed import pack_model, quantized_linears
 from slimlm.registry import (
@@ -35,6 +46,7 @@ from slimlm.registry import (
     register_stage,
 )
 from slimlm.storage import kernel_summary
+from slimlm.streaming import finishing_layers, layer_stream, require_materialized
 
 # method name -> function(model, options, context) that quantizes the target Linears in place
 QUANT_METHODS = MethodRegistry()
@@ -91,33 +103,73 @@ def _check_group_size(targets: list[tuple[str, nn.Linear]], options: QuantizeOpt
             )
 
 
-def _check_finite(model, options: QuantizeOptions) -> None:
-    """Every tensor of the decoder layers (weights, scales, whatever module a method put there) must be finite."""
-    for name, tensor in decoder_layers(model).state_dict(prefix="model.layers.").items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise SlimlmError(
-                f"quantize ({options.method}): {name} has non-finite (NaN/Inf) values after "
-                "quantization; check the original weights and calibration data"
+class _LayerFinisher:
+    """What the stage does to each decoder layer once the method is done with it (streaming.finishing_layers: right
+    before a streamed layer is written, else after the method for every layer): refuse non-finite values, count the
+    weights float rounding moved off the grid, and pack the fake-quantized Linears (unless `pack: false`)."""
+
+    def __init__(self, model, options: QuantizeOptions):
+        self.model, self.options = model, options
+        self.pack = getattr(options, "pack", False)  # smoothquant's options have none: its modules are final
+        self.targets = set(options.layer_targets())
+        self.linears = self.off_grid = self.weights = self.packed = 0
+        self.dtype: torch.dtype | None = None
+
+    def __call__(self, indices: list[int]) -> None:
+        layers = decoder_layers(self.model)
+        for index in indices:
+            self._check_finite(index, layers[index])
+            self._count_rounding(layers[index])
+        if self.pack:
+            self.packed += pack_model(self.model, layers=indices)
+
+    def _check_finite(self, index: int, layer: nn.Module) -> None:
+        """Every tensor of the layer (weights, scales, whatever module a method put there) must be finite."""
+        method = self.options.method
+        for name, tensor in layer.state_dict(prefix=f"model.layers.{index}.").items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise SlimlmError(
+                    f"quantize ({method}): {name} has non-finite (NaN/Inf) values after "
+                    "quantization; check the original weights and calibration data"
+                )
+        for name, linear in layer_linears(layer).items():
+            quantized = getattr(linear, QUANTIZED_ATTRIBUTE, None)
+            if quantized is not None and not torch.isfinite(quantized.scale.float()).all():
+                raise SlimlmError(f"quantize ({method}): layers.{index}.{name} has non-finite (NaN/Inf) scales")
+
+    def _count_rounding(self, layer: nn.Module) -> None:
+        """The target Linears the method left fake-quantized (rtn, gptq, awq; smoothquant replaces them), and how
+        many of their dequantized weights float16/bfloat16 could not hold exactly."""
+        for name, linear in layer_linears(layer).items():
+            if name in self.targets:
+                dequantized = getattr(linear, QUANTIZED_ATTRIBUTE).dequantize()
+                self.off_grid += int((linear.weight.float() != dequantized).sum())
+                self.weights += linear.weight.numel()
+                self.linears += 1
+                self.dtype = linear.weight.dtype
+
+    def notes(self) -> list[str]:
+        if not self.linears:  # the method replaced the Linears by modules of its own (smoothquant)
+            return []
+        notes = [_quantization_note(self.options, self.linears)]
+        if self.off_grid:
+            notes.append(
+                f"quantize: {self.off_grid / self.weights:.2%} of the dequantized weights were rounded to "
+                f"{str(self.dtype).removeprefix('torch.')} and sit slightly off the grid; the kept codes are exact"
             )
-    for name, linear in target_linears(model, options):
-        quantized = getattr(linear, QUANTIZED_ATTRIBUTE, None)
-        if quantized is not None and not torch.isfinite(quantized.scale.float()).all():
-            raise SlimlmError(f"quantize ({options.method}): {name} has non-finite (NaN/Inf) scales")
+        notes.append(_storage_note(self.model, self.options, self.packed))
+        return notes
 
 
-def _rounding_note(targets: list[tuple[str, nn.Linear]]) -> str | None:
-    """Float16/bfloat16 cannot hold every Δ·(q − z) exactly: say so when the stored weights left the grid."""
-    off_grid = sum(
-        int((linear.weight.float() != getattr(linear, QUANTIZED_ATTRIBUTE).dequantize()).sum()) for _, linear in targets
-    )
-    total = sum(linear.weight.numel() for _, linear in targets)
-    if not off_grid:
-        return None
-    dtype = str(targets[0][1].weight.dtype).removeprefix("torch.")
-    return (
-        f"quantize: {off_grid / total:.2%} of the dequantized weights were rounded to {dtype} and sit slightly off "
-        "the grid; the kept codes are exact"
-    )
+def _check_streamable(model, options: QuantizeOptions) -> None:
+    """A streamed model is quantized inside the calibration walk, one layer in memory at a time."""
+    if options.method == "rtn":  # rounds every Linear at once, with no walk to stream the layers through
+        require_materialized(model, "quantize (rtn)")
+    if layer_stream(model) is not None and not getattr(options, "pack", True):
+        raise SlimlmError(
+            "quantize.pack: false keeps the codes beside the dequantized weights in memory, which a streamed model "
+            "writes out layer by layer; use pack: true (the default) when streaming"
+        )
 
 
 def _quantization_note(options: QuantizeOptions, count: int) -> str:
@@ -130,14 +182,13 @@ def _quantization_note(options: QuantizeOptions, count: int) -> str:
     )
 
 
-def _storage_note(model, options: QuantizeOptions) -> str:
-    """Pack the fake-quantized Linears (unless `pack: false`) and say what is stored and what computes them."""
+def _storage_note(model, options: QuantizeOptions, count: int) -> str:
+    """What is stored of the `count` packed Linears (or why nothing is packed) and what computes them."""
     if not options.pack:
         return (
             "quantize: not packed (pack: false): the weights are stored dequantized in the model's dtype, so the "
             "file is no smaller and inference no faster; quality figures are those of the quantized model."
         )
-    count = pack_model(model)
     used = {module.kernel for _, module in quantized_linears(model)}
     runs = []
     if used - {"dequantized"}:
@@ -169,16 +220,10 @@ def _produces(options: QuantizeOptions) -> Kinds:
 @register_stage("quantize", QuantizeOptions, QUANT_METHODS, accepts=_accepts, produces=_produces)
 def quantize(model, options: QuantizeOptions, context):
     """Weight-only integer quantization of the decoder Linears (round-to-nearest or GPTQ), per group or channel."""
-    targets = target_linears(model, options)
-    _check_group_size(targets, options)
-    QUANT_METHODS[options.method](model, options, context)
-    _check_finite(model, options)
-    targets = target_linears(model, options)  # a method may have replaced Linears by other modules
-    if targets:  # the method left dequantized weights in the Linears (rtn, gptq, awq)
-        context.notes.append(_quantization_note(options, len(targets)))
-    note = _rounding_note(targets)
-    if note:
-        context.notes.append(note)
-    if targets:
-        context.notes.append(_storage_note(model, options))
+    _check_group_size(target_linears(model, options), options)
+    _check_streamable(model, options)
+    finisher = _LayerFinisher(model, options)
+    with finishing_layers(model, finisher):
+        QUANT_METHODS[options.method](model, options, context)
+    context.notes.extend(finisher.notes())
     return model

@@ -30,14 +30,14 @@ class W8A8Linear(StoredModule, kind="w8a8"):
 
     fixed_dtype_buffers = ("weight_scale", "bias")
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, kernel: str = "int_mm"):
+    def __init__(self, in_features: int, out_features: int, bias: bool, kernel: str = "int_mm", device=None):
         super().__init__()
         if kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         self.in_features, self.out_features, self.kernel = in_features, out_features, kernel
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float16))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float16, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     @classmethod
     @torch.no_grad()
@@ -60,8 +60,9 @@ class W8A8Linear(StoredModule, kind="w8a8"):
 
     @classmethod
     def from_entry(cls, entry: dict, current: nn.Module) -> W8A8Linear:
-        module = cls(entry["in_features"], entry["out_features"], entry["bias"], entry["kernel"])
-        return module.to(empty_module_args(current)["device"])
+        # built where `current` is (meta for a streamed model: no int8 weight allocated for a placeholder)
+        device = empty_module_args(current)["device"]
+        return cls(entry["in_features"], entry["out_features"], entry["bias"], entry["kernel"], device)
 
     def weights_in_buffers(self) -> int:
         return self.in_features * self.out_features

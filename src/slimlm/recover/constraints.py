@@ -9,8 +9,7 @@ grid (rtn) reproduces them exactly.
 
 Sparsity: a Linear whose weight has at least `MIN_SPARSITY` exact zeros is taken to be pruned; its zero pattern is
 re-applied after every optimizer step (the optimizer would otherwise regrow pruned weights). This keeps unstructured
-and N:M masks. Masks hold parameter references, so they work single-process and with DDP, not with FSDP/ZeRO-3
-(flattened, sharded parameters).
+and N:M masks; they work single-process, with DDP and with FSDP2 (sharded like the weights), not with ZeRO-3.
 """
 
 from __future__ import annotations
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from slimlm.errors import SlimlmError
 from slimlm.modules import named_decoder_linears, short_name
 from slimlm.quantize.grid import QUANTIZED_ATTRIBUTE, QuantGrid, fake_quantize_ste, quantize_codes
 
@@ -77,15 +77,17 @@ def trainable_weight(linear: nn.Linear) -> nn.Parameter:
 
 
 class SparsityMasks:
-    """The zero patterns of pruned decoder Linears, re-applied after each optimizer step."""
+    """The zero patterns of pruned decoder Linears, re-applied after each optimizer step.
+
+    Masks are kept by Linear, not by parameter: FSDP2 replaces each parameter by a DTensor shard when the model is
+    prepared, so the weight is looked up at every step and the mask sharded like it (once)."""
 
     def __init__(self, model: nn.Module):
-        self.masks: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.masks: list[tuple[nn.Linear, torch.Tensor]] = []
         for _, linear in named_decoder_linears(model):
-            weight = trainable_weight(linear)
-            zeros = weight.detach() == 0
+            zeros = trainable_weight(linear).detach() == 0
             if zeros.float().mean().item() >= MIN_SPARSITY:
-                self.masks.append((weight, ~zeros))
+                self.masks.append((linear, ~zeros))
 
     def __len__(self) -> int:
         return len(self.masks)
@@ -96,11 +98,27 @@ class SparsityMasks:
 
     @torch.no_grad()
     def apply(self) -> None:
-        for index, (weight, mask) in enumerate(self.masks):
-            if mask.device != weight.device:  # the model moved (accelerate.prepare): move the mask once
-                mask = mask.to(weight.device)
-                self.masks[index] = (weight, mask)
-            weight.mul_(mask)
+        for index, (linear, mask) in enumerate(self.masks):
+            weight = trainable_weight(linear)
+            placed = _placed_like(mask, weight)
+            if placed is not mask:  # the model moved or was sharded (accelerate.prepare): place the mask once
+                self.masks[index] = (linear, placed)
+            weight.mul_(placed)
+
+
+def _placed_like(mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The mask on the weight's device, and sharded like it when the weight is an FSDP2 DTensor shard."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if hasattr(weight, "ds_id"):  # a ZeRO-3 partition: outside forward the parameter holds no values to mask
+        raise SlimlmError(
+            "keep_sparsity: pruning masks cannot be kept under DeepSpeed ZeRO-3; set keep_sparsity: false, or train "
+            "with FSDP2 or DDP"
+        )
+    if isinstance(weight, DTensor) and not isinstance(mask, DTensor):
+        # every rank holds the same full mask: each takes its own shard, no communication
+        return distribute_tensor(mask.to(weight.device), weight.device_mesh, weight.placements, src_data_rank=None)
+    return mask if mask.device == weight.device else mask.to(weight.device)
 
 
 def recorded_masks(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -30,6 +30,7 @@ from slimlm.quantize.grid import QuantGrid
 from slimlm.recover import constraints
 from slimlm.recover.checkpoint import remove_checkpoints
 from slimlm.recover.data import WindowOrder, packed_windows
+from slimlm.recover.distributed import is_main_process, process_state, world_size
 from slimlm.recover.layers import matching_head_pairs, resolve_layer_map
 from slimlm.recover.objectives import DistillObjective, LossWeights
 from slimlm.recover.options import QatOptions, TrainingOptions, stage_folder
@@ -158,12 +159,10 @@ def _attach_qat(student, options: DistillOptions):
 
 
 def _teacher_cache(teachers: Teachers, windows, options: DistillOptions, folder, notes) -> TopKCache:
-    """The top-k cache for the windows this run reads; built once, reused by later runs with the same inputs."""
-    import os
-
+    """The top-k cache for the windows this run reads; built once (by rank 0 under ``accelerate launch``, the
+    other ranks wait for it), reused by later runs with the same inputs."""
     order = WindowOrder(len(windows), options.batch_size, options.seed)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    window_ids = order.windows_visited(options.steps * options.grad_accum, world)
+    window_ids = order.windows_visited(options.steps * options.grad_accum, world_size())
     key = cache_key(
         [t.model for t in options.teacher],
         teachers.weights,
@@ -173,7 +172,8 @@ def _teacher_cache(teachers: Teachers, windows, options: DistillOptions, folder,
         window_ids,
     )
     path = folder.parent / "teacher-cache" / f"top{options.teacher_topk}-{key}.pt"
-    if not path.is_file():
+    existed = path.is_file()
+    if not existed and is_main_process():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         with frozen(teachers.models, device=device):
             TopKCache.build(
@@ -186,12 +186,15 @@ def _teacher_cache(teachers: Teachers, windows, options: DistillOptions, folder,
                 options.batch_size,
                 device,
             )
+    if world_size() > 1:
+        process_state().wait_for_everyone()
+    if existed:
+        notes.append(f"distill: teacher top-{options.teacher_topk} cache reused: {path}")
+    else:
         notes.append(
             f"distill: teacher top-{options.teacher_topk} cache written for {len(window_ids)} windows "
             f"({path.stat().st_size / 2**20:.1f} MiB): {path}"
         )
-    else:
-        notes.append(f"distill: teacher top-{options.teacher_topk} cache reused: {path}")
     return TopKCache(path, teachers.first.config.vocab_size)
 
 
@@ -252,7 +255,8 @@ def distill(model, options: DistillOptions, context):
         model.set_attn_implementation(attention_kernel)
     model.to(start_device)
     _report(notes, options, result, windows, masks, qat_linears)
-    remove_checkpoints(folder / "checkpoints")
+    if is_main_process():  # the other ranks are past their last use of the checkpoints (train ends in a barrier)
+        remove_checkpoints(folder / "checkpoints")
     return model
 
 

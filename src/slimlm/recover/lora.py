@@ -22,6 +22,7 @@ from slimlm.recover import constraints
 from slimlm.recover.checkpoint import remove_checkpoints
 from slimlm.recover.data import packed_windows
 from slimlm.recover.distill import TeacherSpec, load_teachers
+from slimlm.recover.distributed import is_main_process
 from slimlm.recover.objectives import DistillObjective, LanguageModelObjective, LossWeights
 from slimlm.recover.options import TrainingOptions, stage_folder
 from slimlm.recover.teacher import frozen
@@ -100,7 +101,8 @@ def lora(model, options: LoraOptions, context):
             f"lora: the merge moved {dropped} quantized Linears off their grid; their codes were "
             "dropped (re-run quantize to pack)"
         )
-    remove_checkpoints(folder / "checkpoints")
+    if is_main_process():  # the other ranks are past their last use of the checkpoints (train ends in a barrier)
+        remove_checkpoints(folder / "checkpoints")
     return model
 
 

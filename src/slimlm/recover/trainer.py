@@ -1,4 +1,4 @@
-"""The training loop shared by the distill and lora stages, on accelerate: one process, DDP, FSDP or DeepSpeed alike.
+"""The training loop shared by the distill and lora stages, on accelerate: one process, DDP, FSDP2 or DeepSpeed alike.
 
 AdamW with a cosine schedule after a linear warm-up (transformers' get_cosine_schedule_with_warmup), gradient
 accumulation through ``accelerator.accumulate``, gradient clipping, fp32 or bf16 autocast, optional gradient
@@ -9,13 +9,15 @@ states and the data position, so it finishes with the weights an uninterrupted r
 Data: each process reads its own windows of every global micro-batch (data.WindowOrder), so the loop needs no
 DataLoader and the stream position is one integer saved with the checkpoint. The scheduler is stepped once per
 optimizer step (``step_scheduler_with_optimizer=False``: accelerate would otherwise step it once per process).
+
+Sharded runs (FSDP2, ZeRO-3) hand back a plain model with the gathered weights on every rank (distributed.py), so
+callers save it with save_pretrained / slimlm's save_model on rank 0 exactly as after a single-process run.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +34,15 @@ from slimlm.recover.checkpoint import (
     save_checkpoint,
 )
 from slimlm.recover.data import DataPosition, WindowOrder
+from slimlm.recover.distributed import (
+    check_sharding,
+    is_sharded,
+    meta_skeleton,
+    plain_model,
+    process_state,
+    use_cpu,
+    world_size,
+)
 from slimlm.recover.layers import causal_lm
 from slimlm.recover.metrics import MetricsLog, read_metrics
 from slimlm.recover.objectives import Batch
@@ -68,14 +79,13 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    model: nn.Module  # the unwrapped student
+    model: nn.Module  # the trained student, a plain model (sharded runs: gathered on every rank)
     steps: int
     resumed_from: int | None  # the checkpoint's step, None when the run started fresh
     first_loss: float | None
     last_loss: float | None
     metrics_path: Path
     tokens_per_s: float | None
-    full_state_dict: dict | None = None  # FSDP/ZeRO-3 only: the gathered weights (rank 0), for save_pretrained
 
 
 def make_accelerator(config: TrainConfig):
@@ -83,16 +93,13 @@ def make_accelerator(config: TrainConfig):
     in the same process may use another precision or accumulation count."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import parse_flag_from_env
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world_size() <= 1:
         AcceleratorState._reset_state()
         GradientState._reset_state()
-    # accelerate forms a CPU (gloo) process group only when told cpu=True; without CUDA that is the only choice.
-    cpu = parse_flag_from_env("ACCELERATE_USE_CPU") or (world > 1 and not torch.cuda.is_available())
+    process_state()  # accelerate's process group; FSDP allowed on CPUs (distributed.py)
     return Accelerator(
-        cpu=cpu,
+        cpu=use_cpu(),
         mixed_precision="bf16" if config.precision == "bf16" else "no",
         gradient_accumulation_steps=config.grad_accum,
         step_scheduler_with_optimizer=False,
@@ -135,7 +142,7 @@ def _trainable_only(models, weights, output_dir) -> None:
 
 def _partial_load(accelerator) -> dict:
     """Checkpoints without the frozen parameters load non-strictly (plain and DDP models only)."""
-    return {} if accelerator.distributed_type in ("FSDP", "DEEPSPEED") else {"strict": False}
+    return {} if is_sharded(accelerator) else {"strict": False}
 
 
 def _prepare_output(output_dir: Path, fingerprint: dict, resume: bool, accelerator) -> None:
@@ -183,6 +190,8 @@ def train(
     student.train()
     extras = objective.trainable_modules()
     optimizer, scheduler = _optimizer_and_schedule([student, *extras], config)
+    check_sharding(accelerator, extras)
+    skeleton = meta_skeleton(student) if is_sharded(accelerator) else None  # the plain model to hand back
     prepared = accelerator.prepare(student, *extras, optimizer, scheduler)
     student, extras, optimizer, scheduler = prepared[0], list(prepared[1:-2]), prepared[-2], prepared[-1]
     position = DataPosition()
@@ -234,10 +243,9 @@ def train(
             if on_step is not None:
                 on_step(position.step, record)
     accelerator.wait_for_everyone()
-    full_state = None
-    if accelerator.distributed_type in ("FSDP", "DEEPSPEED"):  # sharded parameters: gather a full copy on rank 0
-        full_state = accelerator.get_state_dict(student)  # a collective: every rank calls it
     model = accelerator.unwrap_model(student, keep_fp32_wrapper=False)  # no autocast left on the returned model
+    if skeleton is not None:  # sharded parameters: every rank gets the full trained weights in a plain model
+        model = plain_model(skeleton, model, accelerator)
     if config.gradient_checkpointing:
         _activation_checkpointing(model, False)
     model.eval()
@@ -250,7 +258,6 @@ def train(
         last_loss,
         output_dir / METRICS_FILE,
         record["tokens_per_s"] if record else None,
-        full_state,
     )
 
 
