@@ -294,3 +294,19 @@ def test_the_plots_module_does_not_import_the_report_module():
 
     code = "import sys, slimlm.report_plots; print('slimlm.report' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_a_task_figure_at_its_chance_level_is_marked_as_no_quality_figure():
+    summary = _summary()
+    for model in [summary["original"], *summary["stages"]]:
+        for record in model["records"]:
+            if record["task"] == "piqa":  # two choices: chance 0.5, a standard error of 0.035 at 200 documents
+                record["protocol"] = {**record["protocol"], "chance": 0.5, "stderr": 0.035}
+    summary["stages"][0]["records"] = [
+        {**r, "value": 0.55} if r["task"] == "piqa" else r for r in summary["stages"][0]["records"]
+    ]
+    rows = {(row["task"], row["metric"]): row for row in report.comparison_rows(summary)}
+    cells = rows["piqa", "acc"]["cells"]
+    assert cells["01-prune"].endswith(report.AT_CHANCE)  # 0.55 ≤ 0.5 + 2 × 0.035
+    assert report.AT_CHANCE not in cells["original"]  # 0.65 is well above guessing
+    assert f"{report.AT_CHANCE}: within two standard errors" in report.render_markdown(summary)

@@ -163,13 +163,15 @@ def check_data(recipe) -> None:
 
     _check_source("calibration.data", recipe.calibration.data, (*NAMED_SOURCES, "self"))
     from slimlm.evaluate.suite import is_perplexity_task
-    from slimlm.evaluate.tasks import check_task_names
+    from slimlm.evaluate.tasks import check_task_names, task_protocols
 
     for index, task in enumerate(recipe.evaluate.tasks):
         if is_perplexity_task(task) and task not in NAMED_SOURCES:
             _check_source(f"evaluate.tasks[{index}]", task, NAMED_SOURCES)
     try:
-        check_task_names([task for task in recipe.evaluate.tasks if not is_perplexity_task(task)])
+        harness_tasks = [task for task in recipe.evaluate.tasks if not is_perplexity_task(task)]
+        check_task_names(harness_tasks)
+        task_protocols(harness_tasks, recipe.evaluate.task_protocols)
     except SlimlmError as err:
         raise SlimlmError(f"evaluate.tasks: {err}") from None
 

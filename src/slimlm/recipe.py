@@ -41,6 +41,9 @@ class EvaluateConfig(_Strict):
     speed: bool = True
     prompt_tokens: int = Field(128, ge=1)
     new_tokens: int = Field(64, ge=1)
+    # per downstream task: prompt, chat_template, num_fewshot, fewshot_as_multiturn; overrides the measured
+    # defaults of evaluate/tasks.py (DEFAULT_PROTOCOLS)
+    task_protocols: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
 class Stage(_Strict):

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from slimlm import report_plots
-from slimlm.evaluate.records import Record
+from slimlm.evaluate.records import Record, at_chance
 from slimlm.report_common import (
     MISSING,
     NOT_AVAILABLE,
@@ -38,6 +38,7 @@ from slimlm.report_common import (
 
 PLOT_NAMES = ("quality", "size", "speed", "memory", "tradeoff")
 BUSY = "⚠busy"
+AT_CHANCE = "⚠chance"
 
 
 # ---------------------------------------------------------------- table cells
@@ -57,6 +58,8 @@ def _cell(record: dict | None, reference: dict | None) -> tuple[str, float | Non
         text += f" {{{spread_text(record)}}}"  # the runs' range beside their median: is a difference real?
     if record.get("note"):
         text += " *"  # e.g. "simulated (fake-quant)": the note, printed below the table, qualifies the number
+    if at_chance(Record.from_dict(record)):
+        text += f" {AT_CHANCE}"  # indistinguishable from guessing: not a quality figure
     if kernel_of(record):
         # Speed depends on the kernel: a dequantized or dense run is no real low-bit speedup, so say which.
         text += f" [{kernel_of(record)}]"
@@ -139,7 +142,9 @@ def _table(summary: dict) -> str:
         f'("dense" or "dequantized" is no real low-bit speedup). {MISSING}: not measured; '
         f"{NOT_AVAILABLE}: could not be measured; *: see the notes below. ↓/↑: lower/higher is better. "
         f"`{{min–max}}`: the range of the timed runs a median comes from. {BUSY}: measured while other work loaded "
-        "the machine (load average above its cores): not a clean figure.",
+        "the machine (load average above its cores): not a clean figure. "
+        f"{AT_CHANCE}: within two standard errors of the task's chance level (guessing; TriviaQA: no right answer): "
+        "not a quality figure.",
         "",
         "| task | metric | " + " | ".join(labels) + " |",
         "|---|---|" + "---:|" * len(labels),

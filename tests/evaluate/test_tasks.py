@@ -12,7 +12,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from slimlm.errors import SlimlmError
-from slimlm.evaluate.tasks import BUILTIN_TASKS, TASKS_DIR, run_tasks
+from slimlm.evaluate.tasks import BUILTIN_TASKS, DEFAULT_PROTOCOLS, TASKS_DIR, run_tasks
 from slimlm.paths import shared_data_dir
 
 LIMIT = 5
@@ -77,7 +77,10 @@ def test_builtin_task_records(builtin_run, task):
         assert 0.0 <= record.value <= 1.0
         assert record.unit == "fraction" and record.higher_is_better is True
         assert record.protocol["docs"] == LIMIT
-        assert record.protocol["limit"] == LIMIT and record.protocol["num_fewshot"] == 0
+        assert record.protocol["limit"] == LIMIT
+        assert record.protocol["num_fewshot"] == DEFAULT_PROTOCOLS[task].num_fewshot
+        assert record.protocol["chat_template"] is DEFAULT_PROTOCOLS[task].chat_template
+        assert record.protocol["prompt"] == DEFAULT_PROTOCOLS[task].prompt
         assert record.protocol["harness"].startswith("lm_eval 0.4")
         assert record.protocol["sha256"] == hashlib.sha256(data_file.read_bytes()).hexdigest()[:12]
         assert data_file.parent.name == task

@@ -36,3 +36,18 @@ class Record:
     def protocol_line(self) -> str:
         """The protocol as one human-readable line, printed beside the number."""
         return ", ".join(f"{k}={v}" for k, v in self.protocol.items())
+
+
+# How many standard errors above chance a figure must be to count as better than guessing.
+CHANCE_MARGIN_STDERRS = 2.0
+
+
+def at_chance(record: Record) -> bool | None:
+    """Whether a task figure is indistinguishable from guessing: within two standard errors of the chance level its
+    protocol records (SST-2 0.5, a multiple-choice task 1/choices, TriviaQA 0). None where no chance level is known
+    or there is no value. A figure at chance says nothing about the model's quality and should be shown as such."""
+    chance = record.protocol.get("chance")
+    if chance is None or record.value is None or record.higher_is_better is not True:
+        return None
+    stderr = record.protocol.get("stderr") or 0.0
+    return record.value <= chance + CHANCE_MARGIN_STDERRS * stderr

@@ -56,7 +56,9 @@ def evaluate_model(
     if harness_tasks:
         from slimlm.evaluate.tasks import run_tasks
 
-        records += run_tasks(model, tokenizer, harness_tasks, limit=config.task_limit)
+        # per-task prompt protocols (chat template, few-shot) from the recipe; others run their measured default
+        protocols = config.task_protocols
+        records += run_tasks(model, tokenizer, harness_tasks, limit=config.task_limit, protocols=protocols)
     if footprint:
         records += footprint_module.footprint_records(model, model_path)
     if config.speed:

@@ -98,10 +98,19 @@ def load_sst2(data_dir: str, data_file: str, **_lm_eval_metadata: Any) -> datase
     return _split("validation", rows)
 
 
-def load_triviaqa(data_dir: str, data_file: str, **_lm_eval_metadata: Any) -> datasets.DatasetDict:
-    """Rows `{"idx", "question", "answer", "aliases"}`; `answer` is always one of `aliases`."""
+def load_triviaqa(data_dir: str, data_file: str, fewshot_pool: int, **_lm_eval_metadata: Any) -> datasets.DatasetDict:
+    """Rows `{"idx", "question", "answer", "aliases"}`; `answer` is always one of `aliases`.
+
+    The shared file is all validation questions and TriviaQA's training set is not there, so its last
+    `fewshot_pool` rows become the "train" split few-shot examples are drawn from, and are never scored.
+    """
     rows = [{"question": row["question"], "aliases": row["aliases"]} for row in _read_jsonl(data_dir, data_file)]
-    return _split("validation", rows)
+    return datasets.DatasetDict(
+        {
+            "validation": datasets.Dataset.from_list(rows[:-fewshot_pool]),
+            "train": datasets.Dataset.from_list(rows[-fewshot_pool:]),
+        }
+    )
 
 
 # --- metrics ---------------------------------------------------------------------------------------------------
@@ -128,13 +137,24 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def triviaqa_exact_match(answer: str, aliases: list[str]) -> float:
+    """Exact match as lm-eval's triviaqa task scores it: its `remove_whitespace` filter strips the answer, then
+    its `exact_match` metric (ignore_case, ignore_punctuation) compares it with each alias; right if any is equal."""
+    from lm_eval.api.metrics import exact_match_hf_evaluate
+
+    matches = exact_match_hf_evaluate(
+        predictions=[answer.strip()] * len(aliases), references=aliases, ignore_case=True, ignore_punctuation=True
+    )
+    return float(matches["exact_match"] > 0)
+
+
 def triviaqa_scores(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """lm-eval `process_results`: exact match and token F1 of the generated answer, best over the aliases."""
-    prediction = normalize_answer(results[0])
+    """lm-eval `process_results`: lm-eval's exact match, and token F1 best over the aliases."""
     aliases = doc["aliases"]
-    # An alias that normalises to nothing (row 2102 lists ".a") must not make an empty answer count as right.
-    exact = any(prediction == normalize_answer(alias) for alias in aliases if normalize_answer(alias))
-    return {"exact_match": float(exact), "f1": max(token_f1(results[0], alias) for alias in aliases)}
+    return {
+        "exact_match": triviaqa_exact_match(results[0], aliases),
+        "f1": max(token_f1(results[0], alias) for alias in aliases),
+    }
 
 
 def macro_f1(items: list[tuple[int, int]]) -> float:
