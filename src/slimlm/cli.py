@@ -104,6 +104,7 @@ def compress_command(
     """Run a recipe: stages in order, a saved model after each, and a report beside the original."""
     from slimlm.pipeline import run_recipe
     from slimlm.recipe import check_recipe, load_recipe
+    from slimlm.recover.distributed import is_main_process
     from slimlm.report import render_markdown
 
     parsed = load_recipe(recipe)
@@ -120,6 +121,8 @@ def compress_command(
         )
         return
     summary = run_recipe(parsed, resume=resume)
+    if not is_main_process():  # under accelerate launch: rank 0 prints the report it wrote
+        return
     # soft_wrap: the Markdown report's table rows must stay whole lines, whatever the terminal width
     _out.print(render_markdown(summary), markup=False, highlight=False, soft_wrap=True)
     _out.print(
@@ -244,6 +247,103 @@ def info_command(
         for row in layer_sparsity(m):
             table.add_row(row["name"], "×".join(map(str, row["shape"])), f"{row['sparsity']:.1%}")
         _out.print(table)
+
+
+_MODEL_HELP = "Built-in name, slimlm output folder, HF folder, hub id or .gguf file."
+_COMPILE_HELP = "Decode on the compiled static-cache path (torch.compile; falls back to plain if it fails)."
+
+
+def _sampling(temperature: float, top_p: float, seed: int):
+    from slimlm.inference.generate import Sampling
+
+    return Sampling(temperature=temperature, top_p=top_p, seed=seed)
+
+
+def _load_for_decoding(model: str, dtype: str, allow_pickle: bool, compile: bool):
+    """(loaded model, its decoder); libraries' prints go to stderr."""
+    from slimlm.inference.decode import decoder_for
+    from slimlm.models import load_model
+
+    with contextlib.redirect_stdout(sys.stderr):
+        loaded = load_model(model, dtype, allow_pickle=allow_pickle)
+    return loaded, decoder_for(loaded.model, compile)
+
+
+def _writer(out):
+    """Writes text and shows it at once (a piped stdout is block-buffered)."""
+
+    def write(text: str) -> None:
+        out.write(text)
+        out.flush()
+
+    return write
+
+
+@app.command("generate")
+def generate_command(
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    prompt: str = typer.Option(..., "--prompt", help="The text to continue (no chat template; see `slimlm chat`)."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help=_COMPILE_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+    as_json: bool = typer.Option(False, "--json", help="Print text and figures as JSON on stdout, nothing else."),
+) -> None:
+    """Continue a prompt: the text alone on stdout, streamed; prefill ms, decode tok/s and the kernel on stderr."""
+    from slimlm.inference.generate import generate
+
+    sampling = _sampling(temperature, top_p, seed)
+    loaded, decoder = _load_for_decoding(model, dtype, allow_pickle, compile)
+    out = sys.stdout
+    prompt_ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    with contextlib.redirect_stdout(sys.stderr):
+        generation = generate(
+            loaded.model,
+            loaded.tokenizer,
+            prompt_ids,
+            max_new_tokens,
+            sampling,
+            decoder,
+            on_text=None if as_json else _writer(out),
+        )
+    if as_json:
+        payload = {"model": model, "prompt": prompt, "text": generation.text, "token_ids": generation.token_ids}
+        out.write(json.dumps({**payload, "stats": generation.stats.to_dict()}, indent=2) + "\n")
+        return
+    out.write("\n")
+    out.flush()  # the text before the figures, also when both go to one terminal
+    _one_line(generation.stats.line())
+
+
+@app.command("chat")
+def chat_command(
+    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    compile: bool = typer.Option(True, "--compile/--no-compile", help=_COMPILE_HELP),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
+) -> None:
+    """Chat through the model's chat template: history kept, /reset clears it, Ctrl-D leaves; figures on stderr."""
+    from slimlm.inference.chat import ChatSession, chat_loop, user_lines
+
+    sampling = _sampling(temperature, top_p, seed)
+    loaded, decoder = _load_for_decoding(model, dtype, allow_pickle, compile)
+    session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens, sampling, decoder)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        _one_line(f"chatting with {model}: /reset clears the history, Ctrl-D leaves")
+    write = _writer(sys.stdout)  # taken before stdout is redirected: the replies go to the real stdout
+    with contextlib.redirect_stdout(sys.stderr):
+        generations = chat_loop(session, user_lines(interactive), write, _one_line)
+    rates = [g.stats.decode_tokens_per_s for g in generations if g.stats.decode_tokens_per_s is not None]
+    if rates:
+        _one_line(f"{len(generations)} replies, decode {sum(rates) / len(rates):.1f} tok/s on average")
 
 
 def _quiet_libraries() -> None:

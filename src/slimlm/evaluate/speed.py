@@ -2,11 +2,15 @@
 
 Protocol (pinned, printed with every number): batch 1; the prompt is a fixed English paragraph tokenized without
 special tokens and repeated/cut to exactly `prompt_tokens` tokens (random ids from a seeded generator when no
-tokenizer is given). Each run is one forward over the prompt with a fresh DynamicCache (timed: prefill), then
+tokenizer is given). Each run is one forward over the prompt with a fresh cache (timed: prefill), then
 `new_tokens` single-token forwards feeding back the argmax through the cache (timed together: decode). No EOS
-check, so every run decodes exactly `new_tokens` tokens. Warm-up runs are discarded; figures are medians, each
-with the [min, max] of its runs. The 1-minute load average is read before and after the runs: above the cores this
-process may use, other work competed for them, and the figures are flagged `busy` rather than presented as plain.
+check, so every run decodes exactly `new_tokens` tokens. The decode path (slimlm.inference.decode) is on the
+protocol: "plain" (eager forward, DynamicCache; the default) or, with ``compile=True``, "compiled static cache"
+(StaticCache, the step compiled by torch.compile) with its compile seconds beside, never inside, the figures; if
+compiling fails the plain path runs and the record's note says why. Warm-up runs are discarded; figures are
+medians, each with the [min, max] of its runs. The 1-minute load average is read before and after the runs: above
+the cores this process may use, other work competed for them, and the figures are flagged `busy` rather than
+presented as plain.
 Energy is read from RAPL or NVML over the decode steps only; without a counter the figure is None, never guessed.
 """
 
@@ -18,10 +22,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from slimlm.evaluate.machine import EnergyCounter, energy_counter, usable_cores
 from slimlm.evaluate.records import Record
+from slimlm.inference.decode import Decoder, decoder_for
 from slimlm.progress import progress_bar
 
 PROMPT_TEXT = (
@@ -79,22 +83,27 @@ def _clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def greedy_decode(model, input_ids: torch.Tensor, new_tokens: int, counter: EnergyCounter | None = None) -> DecodeRun:
-    """Prefill `input_ids`, then decode `new_tokens` tokens greedily through the KV cache, timing each phase."""
+def greedy_decode(
+    model,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    counter: EnergyCounter | None = None,
+    decoder: Decoder | None = None,
+) -> DecodeRun:
+    """Prefill `input_ids`, then decode `new_tokens` tokens greedily through the KV cache, timing each phase; on the
+    plain path unless a compiling `decoder` is given (its cache is made, and compiled for, before the clock starts)."""
     device = input_ids.device
-    cache = DynamicCache(config=model.config)
+    decoder = decoder or Decoder(model, compile=False)
+    cache = decoder.new_cache(input_ids.shape[1] + new_tokens)
     start = _clock(device)
-    # Only the last position's logits are needed, as in generate(); the full prompt x vocab matrix is not.
-    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    next_token = logits[:, -1:].argmax(dim=-1)
+    next_token = decoder.prefill(input_ids, cache).argmax(dim=-1, keepdim=True)
     prefill_seconds = _clock(device) - start
 
     decoded = []
     energy_start = counter.sample() if counter is not None else None
     start = _clock(device)
     for _ in range(new_tokens):
-        logits = model(input_ids=next_token, past_key_values=cache, use_cache=True).logits
-        next_token = logits[:, -1:].argmax(dim=-1)
+        next_token = decoder.step(next_token, cache).argmax(dim=-1, keepdim=True)
         decoded.append(next_token)
     decode_seconds = _clock(device) - start
     joules = counter.joules_since(energy_start) if counter is not None else None
@@ -151,6 +160,7 @@ def measure_speed(
     warmup: int = 1,
     seed: int = 0,
     kernel: str = "dense",
+    compile: bool = False,
 ) -> list[Record]:
     """Prefill ms and tokens/s, decode tokens/s and decode J/token of `model` at batch 1 (see module doc)."""
     if prompt_tokens < 1 or new_tokens < 1 or runs < 1:
@@ -161,15 +171,18 @@ def measure_speed(
     input_ids = prompt_ids(tokenizer, prompt_tokens, model.config.vocab_size, seed).to(device)
     counter = energy_counter(device)
     torch.manual_seed(seed)
+    decoder = decoder_for(model, compile)
+    decoder.new_cache(prompt_tokens + new_tokens)  # compiles here, on the compiled path: apart from the runs
     timed = []
     with progress_bar("speed (warm-up, then timed runs)", total=warmup + runs) as advance:
         for run in range(warmup + runs):
-            result = greedy_decode(model, input_ids, new_tokens, counter if run >= warmup else None)
+            result = greedy_decode(model, input_ids, new_tokens, counter if run >= warmup else None, decoder)
             if run >= warmup:
                 timed.append(result)
             advance()
     load_after, cores = _load_average(), usable_cores()
-    note = _busy_note(load_before, load_after, cores)
+    busy = _busy_note(load_before, load_after, cores)
+    note = "; ".join(text for text in (decoder.note, busy) if text)
     protocol = {
         "prompt_tokens": prompt_tokens,
         "prompt": "fixed English paragraph" if tokenizer is not None else f"random ids (seed {seed})",
@@ -185,8 +198,10 @@ def measure_speed(
         "load_avg_1min_before": load_before,
         "load_avg_1min_after": load_after,
         "usable_cores": cores,
-        "busy": bool(note),
+        "busy": bool(busy),
         "decoding": "greedy, KV cache, no EOS stop, prefill logits of the last position only",
+        "path": decoder.path,
+        "compile_seconds": round(decoder.compile_seconds, 2) if decoder.compiled else None,
     }
     return [
         _median_record("prefill_ms", [run.prefill_seconds * 1e3 for run in timed], "ms", False, protocol, note),

@@ -1,0 +1,168 @@
+"""One-token decode steps, fast: a static KV cache and the step compiled by torch.compile (inductor), as gpt-fast does.
+
+The compiled path ("compiled static cache"): the prompt is prefilled eagerly into a transformers `StaticCache`
+(its tensors have a fixed shape and address, so one compiled graph serves every step), then each step runs the
+whole forward (every layer, the packed kernels inside, the LM head) as one inductor graph without Python in
+between. A graph is specialised on the cache length, so lengths are rounded up to `CACHE_BUCKET` and each bucket is
+compiled once per process: `Decoder.compile_seconds` says how long that took, apart from any timed decoding.
+
+The plain path ("plain"): the model's eager forward with whatever cache it is given (a `DynamicCache` by default,
+any transformers `Cache` works). It runs when compiling is switched off, when the cache given is not a static one,
+and as the fallback when torch.compile or inductor fails (no C++ compiler, an unsupported operator):
+`Decoder.note` then holds the one-line reason. `Decoder.path` always says which path ran.
+
+Results: both paths compute the same forward, but the compiled graph fuses and reorders float operations and the
+static cache attends over masked empty slots, so logits agree to rounding, not bit for bit; greedy tokens agree
+until two candidates are within rounding of each other (tests/inference/test_decode.py checks them equal on tiny
+models).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+import weakref
+
+import torch
+from transformers import Cache, DynamicCache, StaticCache
+
+from slimlm.progress import progress_bar
+
+COMPILED = "compiled static cache"
+PLAIN = "plain"
+CACHE_BUCKET = 256  # static cache lengths are multiples of this: fewer compiled graphs, little wasted attention
+_WARM_UP_STEPS = 2  # the first step compiles; the second checks the graph is reused (no recompile per call)
+
+
+def cache_length(tokens: int) -> int:
+    """The static cache length that holds `tokens` tokens: rounded up to a whole bucket."""
+    return max(1, -(-tokens // CACHE_BUCKET)) * CACHE_BUCKET
+
+
+def last_logits(model, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """The forward of one prefill or decode step: float32 logits [batch, vocab] of the last position, the cache
+    extended in place (only the last position's logits are computed, as generate() does)."""
+    logits = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return logits[:, -1].float()
+
+
+def _own_copy(function):
+    """`function` with a code object of its own. Dynamo keeps compiled graphs, and counts recompiles against its
+    limit, per code object: each decoder gets its own, so models never use up one another's recompiles."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
+
+
+def _reason(err: BaseException) -> str:
+    """`Type: first line` of the exception at the bottom of the chain: dynamo wraps a backend's error in its own,
+    whose first line only says that the backend raised (the original is its `inner_exception` or `__cause__`)."""
+    while (inner := getattr(err, "inner_exception", None) or err.__cause__) is not None:
+        err = inner
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
+
+
+class Decoder:
+    """Prefill and decode steps of one model on the compiled path, or the plain one (module docstring). A compiled
+    decoder assumes its model is not edited afterwards: dynamo's guards on the model's modules are skipped (they cost
+    ~3 ms per step for SmolLM2-135M), so a kernel switched later would not be seen by the compiled graph."""
+
+    def __init__(self, model, compile: bool = True, backend: str | object = "inductor"):
+        # a weak reference: the process's decoders are kept per model (decoder_for) and must not keep models alive
+        self._model = weakref.ref(model)
+        self.path = COMPILED if compile else PLAIN
+        self.note = ""  # why the plain path runs although compiling was asked for
+        self.compile_seconds = 0.0  # spent compiling in this process, all buckets together
+        self._compiled_lengths: set[int] = set()
+        self._static_caches: weakref.WeakSet = weakref.WeakSet()  # made by new_cache: the ones the graphs fit
+        self._step = None
+        if compile:
+            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+            step = _own_copy(last_logits)
+            self._step = torch.compile(step, backend=backend, fullgraph=True, dynamic=False, options=options)
+
+    @property
+    def model(self):
+        return self._model()
+
+    @property
+    def compiled(self) -> bool:
+        return self.path == COMPILED
+
+    def new_cache(self, tokens: int) -> Cache:
+        """An empty cache for `tokens` tokens (prompt and new ones): static on the compiled path, compiled for its
+        length first if need be; dynamic on the plain path."""
+        if self.compiled:
+            length = cache_length(tokens)
+            self.warm_up(length)
+            if self.compiled:  # the warm-up may have fallen back
+                cache = self._static_cache(length)
+                self._static_caches.add(cache)
+                return cache
+        return DynamicCache(config=self.model.config)
+
+    @torch.inference_mode()
+    def _static_cache(self, length: int) -> StaticCache:
+        # Always made in inference mode: its step counter is a tensor created here, and dynamo's guards tell an
+        # inference tensor from a normal one (a cache made the other way would recompile in the middle of decoding).
+        return StaticCache(config=self.model.config, max_cache_len=length)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Logits after the prompt (eager: one graph per prompt length would cost more than it saves)."""
+        return last_logits(self.model, input_ids, cache)
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """Logits after one more token [batch, 1]: compiled for a cache this decoder made (new_cache) while it
+        compiles; eager for any other cache."""
+        if self.step_path(cache) == COMPILED:
+            # cloned in inference mode: a token computed outside it would differ from the warm-up's in dispatch
+            # keys, which dynamo guards on (a recompile in the middle of decoding)
+            return self._step(self.model, token.clone(), cache)
+        return last_logits(self.model, token, cache)
+
+    def step_path(self, cache: Cache) -> str:
+        """The path `step` takes with this cache."""
+        return COMPILED if self.compiled and cache in self._static_caches else PLAIN
+
+    def warm_up(self, length: int) -> None:
+        """Compile the step for a static cache of `length` on a throwaway cache (timed into compile_seconds); on
+        any failure switch to the plain path and keep the reason in `note`."""
+        if not self.compiled or length in self._compiled_lengths:
+            return
+        limit = torch._dynamo.config.recompile_limit
+        if len(self._compiled_lengths) >= limit:  # dynamo would silently run the step eagerly from here on
+            self._fall_back(f"more than {limit} static cache lengths in one process")
+            return
+        start = time.perf_counter()
+        with progress_bar(f"compiling the decode step (torch.compile, cache {length}, once per process)", 1) as done:
+            try:
+                self._compile_for(length)
+            except Exception as err:  # noqa: BLE001  (inductor fails in many ways: no compiler, unsupported op)
+                self._fall_back(f"torch.compile failed ({_reason(err)})")
+            done()
+        self.compile_seconds += time.perf_counter() - start
+
+    @torch.inference_mode()
+    def _compile_for(self, length: int) -> None:
+        cache = self._static_cache(length)
+        token = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
+        last_logits(self.model, token, cache)
+        for _ in range(_WARM_UP_STEPS):
+            self._step(self.model, token, cache)
+        self._compiled_lengths.add(length)
+
+    def _fall_back(self, reason: str) -> None:
+        self.path, self.note = PLAIN, f"{reason}; decoding on the plain path"
+
+
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model, compile: bool = True) -> Decoder:
+    """The process's decoder of `model` (compiled graphs are kept with it, so compiling is paid once); a plain one
+    when `compile` is False."""
+    if not compile:
+        return Decoder(model, compile=False)
+    if model not in _DECODERS:
+        _DECODERS[model] = Decoder(model)
+    return _DECODERS[model]

@@ -1,0 +1,127 @@
+"""The compiled static-cache decode path against the plain one: same greedy tokens, the fallback, the cache buckets."""
+
+import pytest
+import torch
+from transformers import DynamicCache, StaticCache
+
+from conftest import build_tiny_llama, run_stage
+from slimlm.inference.decode import CACHE_BUCKET, COMPILED, PLAIN, Decoder, cache_length
+from slimlm.storage import kernel_summary
+
+NEW_TOKENS = 24
+
+
+def varied_model(vocab_size: int, seed: int = 0):
+    """A tiny model whose greedy continuation changes token from step to step: with the default 0.02 init it repeats
+    one token forever, which would make "same tokens" a weak check."""
+    model = build_tiny_llama(vocab_size, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model
+
+
+def prompt(vocab_size: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+
+
+def greedy(decoder: Decoder, input_ids: torch.Tensor, new_tokens: int = NEW_TOKENS):
+    """(tokens, logits of every step) of a greedy continuation on `decoder`'s own cache."""
+    cache = decoder.new_cache(input_ids.shape[1] + new_tokens)
+    logits = [decoder.prefill(input_ids, cache)]
+    tokens = [logits[-1].argmax(-1, keepdim=True)]
+    for _ in range(new_tokens - 1):
+        logits.append(decoder.step(tokens[-1], cache))
+        tokens.append(logits[-1].argmax(-1, keepdim=True))
+    return torch.cat(tokens, dim=1)[0].tolist(), torch.cat(logits), cache
+
+
+def hf_greedy(model, input_ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> list[int]:
+    """transformers' own greedy generate: the plain HF path."""
+    out = model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    return out[0, input_ids.shape[1] :].tolist()
+
+
+@pytest.mark.parametrize(
+    ("kind", "options", "kernel"),
+    [
+        ("dense", None, "dense"),
+        ("W4 g32", {"method": "rtn", "bits": 4, "group_size": 32}, "int4pack"),
+        ("W8 per channel", {"method": "rtn", "bits": 8, "group_size": None}, "int8pack"),
+    ],
+)
+def test_compiled_greedy_tokens_equal_the_plain_hf_path(tiny_tokenizer, kind, options, kernel):
+    model = varied_model(len(tiny_tokenizer))
+    if options:
+        run_stage(model, "quantize", **options)
+    assert kernel in kernel_summary(model)  # the packed kernels run inside the compiled graph, not a dense copy
+    input_ids = prompt(len(tiny_tokenizer))
+    decoder = Decoder(model)
+    compiled_tokens, compiled_logits, cache = greedy(decoder, input_ids)
+    plain_tokens, plain_logits, _ = greedy(Decoder(model, compile=False), input_ids)
+
+    assert decoder.path == COMPILED and decoder.step_path(cache) == COMPILED and decoder.note == ""
+    assert isinstance(cache, StaticCache) and decoder.compile_seconds > 0
+    assert len(set(plain_tokens)) > NEW_TOKENS // 3  # a continuation that moves, so equality means something
+    assert compiled_tokens == plain_tokens == hf_greedy(model, input_ids)
+    tolerance = 1e-4 if kind == "dense" else 5e-2  # the packed kernels compute in bfloat16
+    torch.testing.assert_close(compiled_logits, plain_logits, atol=tolerance, rtol=tolerance)
+
+
+def test_a_failing_compiler_falls_back_to_the_plain_path_with_a_note(tiny_tokenizer):
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no C++ compiler found")
+
+    model = varied_model(len(tiny_tokenizer))
+    decoder = Decoder(model, backend=broken_backend)
+    tokens, _, cache = greedy(decoder, prompt(len(tiny_tokenizer)))
+    assert decoder.path == PLAIN and decoder.step_path(cache) == PLAIN and isinstance(cache, DynamicCache)
+    assert decoder.note.startswith("torch.compile failed (") and "no C++ compiler found" in decoder.note
+    assert "\n" not in decoder.note
+    assert tokens == hf_greedy(model, prompt(len(tiny_tokenizer)))
+
+
+def test_decoding_after_the_warm_up_compiles_nothing_more(tiny_tokenizer):
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    model = varied_model(len(tiny_tokenizer))
+    decoder = Decoder(model, backend=counting_backend)
+    expected, _, _ = greedy(Decoder(model, compile=False), prompt(len(tiny_tokenizer)))
+    # tokens computed outside inference mode, then inside it (measure_speed's way): one graph serves both
+    assert greedy(decoder, prompt(len(tiny_tokenizer)))[0] == expected
+    with torch.inference_mode():
+        assert greedy(decoder, prompt(len(tiny_tokenizer)))[0] == expected
+    assert len(graphs) == 1
+
+
+def test_each_cache_bucket_compiles_once_and_too_many_fall_back(tiny_tokenizer):
+    assert [cache_length(n) for n in (1, CACHE_BUCKET, CACHE_BUCKET + 1)] == [
+        CACHE_BUCKET,
+        CACHE_BUCKET,
+        2 * CACHE_BUCKET,
+    ]
+    model = varied_model(len(tiny_tokenizer))
+    decoder = Decoder(model, backend="eager")  # dynamo without inductor: the bookkeeping, in a second
+    with torch._dynamo.config.patch(recompile_limit=2):  # (monkeypatch cannot restore dynamo's config options)
+        decoder.new_cache(10)
+        seconds = decoder.compile_seconds
+        decoder.new_cache(CACHE_BUCKET)  # the same bucket: nothing compiled again
+        assert decoder.compile_seconds == seconds and decoder.path == COMPILED
+        decoder.new_cache(CACHE_BUCKET + 1)
+        assert decoder.path == COMPILED
+        cache = decoder.new_cache(3 * CACHE_BUCKET)  # a third length: dynamo would stop compiling without a word
+    assert decoder.path == PLAIN and "more than 2 static cache lengths" in decoder.note
+    assert isinstance(cache, DynamicCache)
+
+
+def test_a_static_cache_of_an_uncompiled_length_decodes_plain(tiny_tokenizer):
+    model = varied_model(len(tiny_tokenizer))
+    decoder = Decoder(model, backend="eager")
+    assert decoder.step_path(StaticCache(config=model.config, max_cache_len=64)) == PLAIN
+    assert decoder.step_path(DynamicCache(config=model.config)) == PLAIN
