@@ -181,6 +181,7 @@ def measure_row(label: str, args, ggufs: dict[str, Path], gbps: float) -> dict:
         "row": label,
         **row._asdict(),
         "kernel": kernel_summary(model),
+        "lm_head_kernel_fast": fast.protocol["lm_head_kernel"],
         "plain_tps": median["plain"],
         "fast_tps": median["fast"],
         "path": fast.protocol["path"],

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache, StaticCache
 
 from conftest import build_tiny_llama, run_stage
-from slimlm.inference.decode import CACHE_BUCKET, COMPILED, PLAIN, Decoder, cache_length
+from slimlm.inference.decode import CACHE_BUCKET, COMPILED, ONEDNN_HEAD, PLAIN, Decoder, cache_length
 from slimlm.storage import kernel_summary
 
 NEW_TOKENS = 24
@@ -63,6 +63,7 @@ def test_compiled_greedy_tokens_equal_the_plain_hf_path(tiny_tokenizer, kind, op
     plain_tokens, plain_logits, _ = greedy(Decoder(model, compile=False), input_ids)
 
     assert decoder.path == COMPILED and decoder.step_path(cache) == COMPILED and decoder.note == ""
+    assert decoder.head_kernel == ONEDNN_HEAD  # the dense float32 head, after the graph
     assert isinstance(cache, StaticCache) and decoder.compile_seconds > 0
     assert len(set(plain_tokens)) > NEW_TOKENS // 3  # a continuation that moves, so equality means something
     assert compiled_tokens == plain_tokens == hf_greedy(model, input_ids)

@@ -202,6 +202,7 @@ def measure_speed(
         "decoding": "greedy, KV cache, no EOS stop, prefill logits of the last position only",
         "path": decoder.path,
         "compile_seconds": round(decoder.compile_seconds, 2) if decoder.compiled else None,
+        "lm_head_kernel": decoder.head_kernel,  # None: the model's own head module
     }
     return [
         _median_record("prefill_ms", [run.prefill_seconds * 1e3 for run in timed], "ms", False, protocol, note),

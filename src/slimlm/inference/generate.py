@@ -128,6 +128,12 @@ def _chooser(sampling: Sampling, device) -> Callable[[torch.Tensor], torch.Tenso
     return choose
 
 
+def _kernel(model, decoder: Decoder, cache: Cache) -> str:
+    """The model's kernels, and what ran its LM head when the compiled path put it elsewhere."""
+    head = decoder.head_kernel if decoder.step_path(cache) == COMPILED else None
+    return kernel_summary(model) + (f"; LM head: {head}" if head else "")
+
+
 def generate(
     model,
     tokenizer,
@@ -170,7 +176,7 @@ def generate(
         decode_seconds=decode_seconds,
         path=decoder.step_path(cache),
         compile_seconds=decoder.compile_seconds,
-        kernel=kernel_summary(model),
+        kernel=_kernel(model, decoder, cache),
         stop="eos" if token_id in stops else "length",
         note=decoder.note,
     )
