@@ -2,7 +2,10 @@
 
 Logit losses (forward KL, Hinton et al. 2015; reverse KL, MiniLLM; generalized JSD, GKD), hidden-state and
 attention transfer through a layer map (layers.py), an LM loss, on-policy batches (GKD), QAT onto a quantization
-grid and pruning masks kept (constraints.py), and an optional on-disk top-k teacher cache (teacher.py). Training
+grid and pruning masks kept (constraints.py), and an optional on-disk top-k teacher cache (teacher.py).
+Black-box and task-specific distillation train on text the teacher generates (`teacher_text`, teacher_text.py);
+adaptive settings (a temperature schedule, a loss-mix schedule, teachers weighted by the student's gap) are in
+adaptive.py, each defaulting to the fixed setting. Training
 runs on the shared accelerate loop (trainer.py) with checkpoints in the stage's scratch folder, so a pipeline
 ``--resume`` after a crash continues mid-stage; the checkpoints are deleted once the stage has finished.
 """
@@ -19,8 +22,10 @@ from pydantic import (
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
+    ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from torch import nn
 
@@ -28,6 +33,7 @@ from slimlm.errors import SlimlmError
 from slimlm.modules import decoder_layers
 from slimlm.quantize.grid import QuantGrid
 from slimlm.recover import constraints
+from slimlm.recover.adaptive import Schedule, TemperatureSchedule, format_errors
 from slimlm.recover.checkpoint import remove_checkpoints
 from slimlm.recover.data import WindowOrder, packed_windows
 from slimlm.recover.distributed import is_main_process, process_state, world_size
@@ -35,6 +41,7 @@ from slimlm.recover.layers import matching_head_pairs, resolve_layer_map
 from slimlm.recover.objectives import DistillObjective, LossWeights
 from slimlm.recover.options import QatOptions, TrainingOptions, stage_folder
 from slimlm.recover.teacher import Teachers, TopKCache, cache_key, frozen
+from slimlm.recover.teacher_text import TeacherTextOptions, cached_documents, teacher_text_windows
 from slimlm.recover.trainer import train
 from slimlm.registry import FAKE_QUANTIZED, MODULE_KINDS, W8A8, register_stage
 from slimlm.streaming import require_materialized
@@ -46,10 +53,22 @@ class TeacherSpec(BaseModel):
     weight: PositiveFloat = 1.0
 
 
+class LossMix(BaseModel):
+    """The loss weights at the end of training; they move there from `loss` along `schedule` (adaptive.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    end: LossWeights
+    schedule: Schedule = "linear"
+
+
 class DistillOptions(TrainingOptions):
     teacher: list[TeacherSpec] = Field(default_factory=lambda: [TeacherSpec()])
     loss: LossWeights = Field(default_factory=LossWeights)
-    temperature: PositiveFloat = 1.0
+    temperature: PositiveFloat | TemperatureSchedule = 1.0  # a float (fixed) or {start, end, schedule}
+    loss_mix: LossMix | None = None  # null: the weights stay `loss`
+    teacher_weighting: Literal["fixed", "gap"] = "fixed"  # gap: by the student's current KL to each teacher
+    # train on text the teacher generates (black-box, task-specific) instead of `data`
+    teacher_text: TeacherTextOptions | None = None
     jsd_beta: float = Field(0.5, ge=0, le=1)
     hidden_metric: Literal["mse", "cosine"] = "mse"
     on_policy: float = Field(0.0, ge=0, le=1)  # fraction of micro-batches sampled from the student (GKD's λ)
@@ -65,6 +84,8 @@ class DistillOptions(TrainingOptions):
             return [{"model": value}]
         if isinstance(value, list) and not value:
             raise ValueError("name at least one teacher")
+        if isinstance(value, list):  # entries may be plain names (weight 1)
+            return [{"model": entry} if isinstance(entry, str) else entry for entry in value]
         return value
 
     @field_validator("loss")
@@ -73,6 +94,41 @@ class DistillOptions(TrainingOptions):
         if not value.active():
             raise ValueError("every loss weight is 0; give at least one a positive weight")
         return value
+
+    @field_validator("temperature", mode="before")
+    @classmethod
+    def _fixed_or_scheduled(cls, value):
+        """A number or a schedule, with the one error that applies (a plain union would report both branches)."""
+        if isinstance(value, dict):
+            try:
+                return TemperatureSchedule.model_validate(value)
+            except ValidationError as err:
+                raise ValueError(format_errors(err)) from None
+        if isinstance(value, bool) or not isinstance(value, int | float | TemperatureSchedule):
+            raise ValueError(f"expected a number or {{start, end, schedule}}, got {value!r}")
+        if not isinstance(value, TemperatureSchedule) and value <= 0:
+            raise ValueError("Input should be greater than 0")
+        return value
+
+    @model_validator(mode="after")
+    def _adaptive_settings_fit(self) -> DistillOptions:
+        if self.loss_mix is not None:
+            end, start = self.loss_mix.end, self.loss
+            if not end.active():
+                raise ValueError("loss_mix.end: every loss weight is 0; give at least one a positive weight")
+            if (end.hidden, end.attention) != (start.hidden, start.attention):
+                raise ValueError("loss_mix.end: hidden and attention must keep the weights of `loss`; mix logit terms")
+        if self.teacher_weighting == "gap" and len(self.teacher) < 2:
+            raise ValueError("teacher_weighting: gap weighs several teachers; name at least two")
+        if self.teacher_topk and (isinstance(self.temperature, TemperatureSchedule) or self.teacher_weighting == "gap"):
+            raise ValueError(
+                "teacher_topk: the cache holds one fixed mixture at one temperature; a temperature schedule and "
+                "teacher_weighting: gap need the live teachers"
+            )
+        return self
+
+    def start_temperature(self) -> float:
+        return self.temperature.start if isinstance(self.temperature, TemperatureSchedule) else self.temperature
 
     @field_validator("teacher_topk")
     @classmethod
@@ -198,6 +254,21 @@ def _teacher_cache(teachers: Teachers, windows, options: DistillOptions, folder,
     return TopKCache(path, teachers.first.config.vocab_size)
 
 
+def _training_windows(teachers: Teachers, options: DistillOptions, context):
+    """The packed training windows and, for teacher-generated text, the LM-loss mask of the teacher's tokens."""
+    if options.teacher_text is None:
+        return packed_windows(context.tokenizer, options.data, options.seq_len), None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with frozen([teachers.first], device=device):
+        documents = cached_documents(teachers.first, context.tokenizer, options.teacher_text, context.notes)
+    return teacher_text_windows(documents, options.seq_len, context.tokenizer.eos_token_id)
+
+
+def _temperature(options: DistillOptions) -> str:
+    t = options.temperature
+    return f"{t:g}" if isinstance(t, float) else f"{t.start:g}→{t.end:g} ({t.schedule})"
+
+
 # packed/codebook weights are buffers: training leaves them on their grid and trains everything else; W8A8's integer
 # matmul has no gradient
 @register_stage(
@@ -207,12 +278,12 @@ def _teacher_cache(teachers: Teachers, windows, options: DistillOptions, folder,
     produces=lambda o: frozenset({FAKE_QUANTIZED} if o.qat else set()),
 )
 def distill(model, options: DistillOptions, context):
-    """Knowledge distillation from the original (KL / reverse KL / JSD, hidden, attention, on-policy, QAT)."""
+    """Knowledge distillation: KL / JSD, hidden, attention, on-policy, teacher-written text, adaptive, QAT."""
     require_materialized(model, "distillation")
     notes = context.notes
     teachers = load_teachers(options.teacher, context, model)
     pairs, attention_pairs = _layer_pairs(model, teachers, options, notes)  # model-dependent checks first
-    windows = packed_windows(context.tokenizer, options.data, options.seq_len)
+    windows, lm_mask = _training_windows(teachers, options, context)
     folder = stage_folder(context, "distill", options, model)
     start_device, attention_kernel = next(model.parameters()).device, model.config._attn_implementation
     qat_linears, grid = _attach_qat(model, options)
@@ -223,7 +294,7 @@ def distill(model, options: DistillOptions, context):
     objective = DistillObjective(
         None if cache is not None else teachers,
         options.loss,
-        options.temperature,
+        options.start_temperature(),
         options.jsd_beta,
         pairs,
         attention_pairs,
@@ -232,6 +303,12 @@ def distill(model, options: DistillOptions, context):
         options.on_policy,
         options.seed,
         cache,
+        lm_mask,
+        options.temperature if isinstance(options.temperature, TemperatureSchedule) else None,
+        options.loss_mix.end if options.loss_mix else None,
+        options.loss_mix.schedule if options.loss_mix else "linear",
+        options.teacher_weighting,
+        options.steps * options.grad_accum,
     )
     live = [] if cache is not None else teachers.models
     with frozen(live, eager_attention=bool(options.loss.attention)):
@@ -266,12 +343,17 @@ def _loss(value: float | None) -> str:
 
 def _report(notes, options: DistillOptions, result, windows, masks, qat_linears) -> None:
     active = options.loss.active()
+    if options.loss_mix is not None:
+        active = f"{active} → {options.loss_mix.end.active()} ({options.loss_mix.schedule})"
     teachers = ", ".join(f"{t.model}×{t.weight:g}" for t in options.teacher)
+    if options.teacher_weighting == "gap":
+        teachers += " (weighted by the student's gap)"
+    data = f"teacher text from {options.teacher_text.prompts}" if options.teacher_text else options.data
     resumed = f", resumed at step {result.resumed_from}" if result.resumed_from is not None else ""
     notes.append(
         f"distill: {result.steps} steps × {options.batch_size}×{options.grad_accum} windows of "
-        f"{options.seq_len} tokens from {options.data} ({len(windows)} packed windows){resumed}; "
-        f"teacher {teachers}; losses {active}, τ={options.temperature:g}, on-policy λ={options.on_policy:g}; "
+        f"{options.seq_len} tokens from {data} ({len(windows)} packed windows){resumed}; "
+        f"teacher {teachers}; losses {active}, τ={_temperature(options)}, on-policy λ={options.on_policy:g}; "
         f"loss {_loss(result.first_loss)} → {_loss(result.last_loss)}; metrics: {result.metrics_path}"
     )
     if masks:

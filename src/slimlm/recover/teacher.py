@@ -63,11 +63,15 @@ class Teachers:
         return self.models[0]
 
     @torch.no_grad()
-    def log_probs(self, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Mixed tempered log-probabilities [B, T, V]."""
-        outputs = [
+    def each_log_probs(self, input_ids: torch.Tensor, temperature: float) -> list[torch.Tensor]:
+        """Each teacher's tempered log-probabilities [B, T, V]."""
+        return [
             tempered_log_probs(model(input_ids=input_ids, use_cache=False).logits, temperature) for model in self.models
         ]
+
+    def log_probs(self, input_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Mixed tempered log-probabilities [B, T, V]."""
+        outputs = self.each_log_probs(input_ids, temperature)
         return outputs[0] if len(outputs) == 1 else mix_distributions(outputs, self.weights)
 
 
