@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from slimlm.auto.command import auto_command
 from slimlm.errors import SlimlmError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make language models small and fast, honestly.")
@@ -279,6 +280,18 @@ def _writer(out):
     return write
 
 
+def _speculative(loaded, decoder, drafting: tuple, k: int, prompt_ids, max_new_tokens: int, sampling, on_text):
+    """generate's speculative form; `drafting` is the draft's (loaded model, decoder)."""
+    from slimlm.inference.speculative import check_same_vocabulary, speculative_generate
+
+    draft, draft_decoder = drafting
+    check_same_vocabulary(loaded.model, draft.model, loaded.tokenizer, draft.tokenizer)
+    return speculative_generate(
+        loaded.model, draft.model, loaded.tokenizer, prompt_ids, max_new_tokens, sampling, k, decoder, draft_decoder,
+        on_text,
+    )  # fmt: skip
+
+
 @app.command("generate")
 def generate_command(
     model: str = typer.Option(..., "--model", help=_MODEL_HELP),
@@ -291,24 +304,30 @@ def generate_command(
     compile: bool = typer.Option(True, "--compile/--no-compile", help=_COMPILE_HELP),
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
     as_json: bool = typer.Option(False, "--json", help="Print text and figures as JSON on stdout, nothing else."),
+    draft: str | None = typer.Option(
+        None, "--draft", help="Speculative decoding: a smaller model with the same tokenizer proposes tokens."
+    ),
+    draft_tokens: int = typer.Option(4, "--draft-tokens", min=1, max=64, help="Tokens the draft proposes per round."),
 ) -> None:
-    """Continue a prompt: the text alone on stdout, streamed; prefill ms, decode tok/s and the kernel on stderr."""
+    """Continue a prompt: the text alone on stdout, streamed; prefill ms, decode tok/s and the kernel on stderr
+    (with --draft also the draft's acceptance rate and tokens per target forward)."""
     from slimlm.inference.generate import generate
 
     sampling = _sampling(temperature, top_p, seed)
     loaded, decoder = _load_for_decoding(model, dtype, allow_pickle, compile)
+    drafting = _load_for_decoding(draft, dtype, allow_pickle, compile) if draft is not None else None
     out = sys.stdout
     prompt_ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    on_text = None if as_json else _writer(out)
     with contextlib.redirect_stdout(sys.stderr):
-        generation = generate(
-            loaded.model,
-            loaded.tokenizer,
-            prompt_ids,
-            max_new_tokens,
-            sampling,
-            decoder,
-            on_text=None if as_json else _writer(out),
-        )
+        if drafting is None:
+            generation = generate(
+                loaded.model, loaded.tokenizer, prompt_ids, max_new_tokens, sampling, decoder, on_text=on_text
+            )
+        else:
+            generation = _speculative(
+                loaded, decoder, drafting, draft_tokens, prompt_ids, max_new_tokens, sampling, on_text
+            )
     if as_json:
         payload = {"model": model, "prompt": prompt, "text": generation.text, "token_ids": generation.token_ids}
         out.write(json.dumps({**payload, "stats": generation.stats.to_dict()}, indent=2) + "\n")
@@ -344,6 +363,10 @@ def chat_command(
     rates = [g.stats.decode_tokens_per_s for g in generations if g.stats.decode_tokens_per_s is not None]
     if rates:
         _one_line(f"{len(generations)} replies, decode {sum(rates) / len(rates):.1f} tok/s on average")
+
+
+# a command that lives beside its package, its options with its code
+app.command("auto")(auto_command)
 
 
 def _quiet_libraries() -> None:

@@ -53,6 +53,7 @@ class GenerationStats:
     kernel: str
     stop: str  # "eos" or "length"
     note: str = ""
+    decode_cpu_seconds: float = 0.0  # this process's CPU time while decoding: steadier than wall on a busy machine
 
     @property
     def prefill_ms(self) -> float:
@@ -112,23 +113,25 @@ def stop_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _chooser(sampling: Sampling, device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """logits [1, vocab] -> the next token [1, 1]."""
-    if sampling.temperature == 0:
-        return lambda logits: logits.argmax(dim=-1, keepdim=True)
+def sampling_probabilities(sampling: Sampling) -> Callable[[torch.Tensor], torch.Tensor]:
+    """logits [rows, vocab] -> the distributions sampled from [rows, vocab]: softmax(logits / temperature) cut to
+    the top-p mass by transformers' warpers (temperature > 0; speculative decoding warps both models' logits so)."""
     warpers = LogitsProcessorList([TemperatureLogitsWarper(sampling.temperature)])
     if sampling.top_p < 1:
         warpers.append(TopPLogitsWarper(sampling.top_p))
+    return lambda logits: torch.softmax(warpers(None, logits), dim=-1)
+
+
+def chooser(sampling: Sampling, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """logits [1, vocab] -> the next token [1, 1]."""
+    if sampling.temperature == 0:
+        return lambda logits: logits.argmax(dim=-1, keepdim=True)
+    probabilities = sampling_probabilities(sampling)
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
-
-    def choose(logits: torch.Tensor) -> torch.Tensor:
-        probabilities = torch.softmax(warpers(None, logits), dim=-1)
-        return torch.multinomial(probabilities, 1, generator=generator)
-
-    return choose
+    return lambda logits: torch.multinomial(probabilities(logits), 1, generator=generator)
 
 
-def _kernel(model, decoder: Decoder, cache: Cache) -> str:
+def kernel_line(model, decoder: Decoder, cache: Cache) -> str:
     """The model's kernels, and what ran its LM head when the compiled path put it elsewhere."""
     head = decoder.head_kernel if decoder.step_path(cache) == COMPILED else None
     return kernel_summary(model) + (f"; LM head: {head}" if head else "")
@@ -152,13 +155,13 @@ def generate(
     decoder = decoder or decoder_for(model)
     prompt_ids = prompt_ids.to(model.device)
     cache = cache if cache is not None else decoder.new_cache(prompt_ids.shape[1] + max_new_tokens)
-    choose = _chooser(sampling or Sampling(), model.device)
+    choose = chooser(sampling or Sampling(), model.device)
     stops, stream = stop_ids(model, tokenizer), TextStream(tokenizer)
 
     start = time.perf_counter()
     token = choose(decoder.prefill(prompt_ids, cache))
     prefill_seconds = time.perf_counter() - start
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     while (token_id := int(token)) not in stops:
         piece = stream.put(token_id)
         if piece and on_text is not None:
@@ -166,7 +169,7 @@ def generate(
         if len(stream.ids) == max_new_tokens:
             break
         token = choose(decoder.step(token, cache))
-    decode_seconds = time.perf_counter() - start
+    decode_seconds, decode_cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
 
     new_tokens = len(stream.ids) + (token_id in stops)  # the end token was generated too
     stats = GenerationStats(
@@ -176,8 +179,9 @@ def generate(
         decode_seconds=decode_seconds,
         path=decoder.step_path(cache),
         compile_seconds=decoder.compile_seconds,
-        kernel=_kernel(model, decoder, cache),
+        kernel=kernel_line(model, decoder, cache),
         stop="eos" if token_id in stops else "length",
         note=decoder.note,
+        decode_cpu_seconds=decode_cpu_seconds,
     )
     return Generation(stream.ids, stream.text(), stats)

@@ -1,0 +1,77 @@
+"""`slimlm auto` end to end on a tiny model (slimlm target): recipes that run, a report with the plot, the best
+recipe written, the rows resumed from state.json; bad command-line values are one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import write_documents
+from slimlm.auto.run import AutoSettings, run_auto
+from slimlm.errors import SlimlmError
+
+
+def _settings(model_dir, tmp_path, **changes):
+    settings = {
+        "model": str(model_dir),
+        "budget": "80KB",
+        "target": "slimlm",
+        "output": str(tmp_path / "auto"),
+        "candidates": 2,
+        "calib_data": write_documents(tmp_path),
+        "calib_samples": 2,
+        "calib_seq_len": 16,
+        "eval_chunks": 1,
+        "baselines": ["w4g32"],
+    }
+    return AutoSettings(**(settings | changes))
+
+
+@pytest.mark.builtin  # not the built-in model, but slow: WikiText-2 from the shared data, a pipeline run per row
+def test_auto_writes_recipes_report_and_resumes(tiny_model_dir, tmp_path, monkeypatch):
+    summary = run_auto(_settings(tiny_model_dir, tmp_path))
+    out = tmp_path / "auto"
+    labels = [r["label"] for r in summary["rows"]]
+    assert labels == ["candidate 1", "candidate 2", "uniform w4g32"]
+    for row in summary["rows"]:
+        if row["label"].startswith("candidate"):
+            assert row["predicted_bytes"] <= summary["budget"]["bytes"]
+    best = next(r for r in summary["rows"] if r["label"] == summary["best"])
+    assert yaml.safe_load((out / "recipe.yaml").read_text()) == yaml.safe_load(Path(best["recipe"]).read_text())
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| candidate 1 |" in (out / "report.md").read_text()
+    assert json.loads((out / "report.json").read_text())["best"] == summary["best"]
+
+    import slimlm.auto.run as run_module
+
+    monkeypatch.setattr(run_module, "_score", lambda *a, **k: (_ for _ in ()).throw(AssertionError("rescored")))
+    again = run_auto(_settings(tiny_model_dir, tmp_path, resume=True))
+    assert [r["ppl"] for r in again["rows"]] == [r["ppl"] for r in summary["rows"]]
+
+
+def test_a_budget_below_the_smallest_output_is_one_line(tiny_model_dir, tmp_path):
+    with pytest.raises(SlimlmError, match="below the smallest slimlm output"):
+        run_auto(_settings(tiny_model_dir, tmp_path, budget="1KB"))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--budget", "lots"], "error: --budget 'lots': not understood"),
+        (["--budget", "70MB", "--target", "onnx"], "error: --target 'onnx': not one of gguf, slimlm"),
+        (["--budget", "70MB", "--recover", "1000"], "error: --recover: distillation after the search is not built"),
+    ],
+)
+def test_cli_refuses_bad_values_in_one_line(args, expected):
+    result = subprocess.run(
+        [sys.executable, "-m", "slimlm.cli", "auto", "--model", "smollm2-135m", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr

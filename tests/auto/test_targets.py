@@ -1,0 +1,76 @@
+"""The slimlm target's predicted folder size against a real packed save, its recipe runs; allocation with layer
+removal picks the cheap layers and fits the budget."""
+
+import pytest
+
+from conftest import run_stage
+from slimlm.auto.allocate import allocate, uniform_solution
+from slimlm.auto.sensitivity import Costs, Item, Option
+from slimlm.auto.slimlm_target import SlimlmTarget
+from slimlm.evaluate.footprint import size_on_disk
+from slimlm.models import save_model
+from slimlm.recipe import parse_recipe
+
+
+def test_predicted_folder_size_is_the_saved_ones(tiny_model, tiny_tokenizer, tmp_path):
+    target = SlimlmTarget(tiny_model, dtype="float32")
+    items = target.items()
+    formats = {item.name: ("w4g32" if i % 2 else "w2g64") for i, item in enumerate(items)}
+    predicted = target.fixed_bytes(items)(frozenset()) + sum(
+        next(o.bytes for o in item.options if o.name == formats[item.name]) for item in items
+    )
+    recipe = parse_recipe(target.recipe(formats, "m", {}, {}, tmp_path))
+    for stage in recipe.stages:
+        run_stage(tiny_model, "quantize", **stage.options.model_dump(exclude_unset=True))
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
+    actual = size_on_disk(tmp_path / "model")
+    assert abs(predicted - actual) / actual < 0.01, (predicted, actual)
+
+
+def test_recipe_has_one_quantize_stage_per_format(tiny_model, tmp_path):
+    target = SlimlmTarget(tiny_model)
+    formats = {
+        "q_proj": "w4g32",
+        "k_proj": "w4g32",
+        "v_proj": "w8g32",
+        "o_proj": "w4g32",
+        "gate_proj": "w2g64",
+        "up_proj": "w2g64",
+        "down_proj": "w3g128",
+    }
+    recipe = target.recipe(formats, "m", {}, {}, tmp_path)
+    stages = {
+        tuple(s["quantize"]["targets"]): (s["quantize"]["bits"], s["quantize"]["group_size"]) for s in recipe["stages"]
+    }
+    assert stages == {
+        ("q_proj", "k_proj", "o_proj"): (4, 32),
+        ("v_proj",): (8, 32),
+        ("gate_proj", "up_proj"): (2, 64),
+        ("down_proj",): (3, 128),
+    }
+    parse_recipe(recipe)  # a valid recipe: the stages follow one another (recipe.check_chain)
+
+
+def _synthetic_costs():
+    def item(name, layer, costs):
+        options = [Option(n, size, lambda: {}) for n, size in (("big", 10), ("small", 4))]
+        return Item(name, options, 0, layer=layer)
+
+    items = [item(f"l{k}", k, None) for k in range(3)]
+    return Costs(items, [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], removal={0: 5.0, 1: 0.1, 2: 3.0})
+
+
+def test_allocation_removes_the_cheapest_layer_when_that_beats_smaller_formats():
+    costs = _synthetic_costs()
+    fixed = lambda removed: 2  # noqa: E731
+    best = allocate(costs, budget=2 + 20, fixed_bytes=fixed, max_removed=2, count=3)[0]
+    assert best.removed == (1,) and best.bytes <= 22
+    assert best.proxy == pytest.approx(0.1)
+    no_removal = allocate(costs, budget=22, fixed_bytes=fixed, max_removed=0, count=1)[0]
+    assert no_removal.removed == () and no_removal.proxy == pytest.approx(2.0)
+
+
+def test_uniform_solution_prices_every_item_at_one_format():
+    solution = uniform_solution(_synthetic_costs(), "small", fixed=2)
+    assert (solution.bytes, solution.proxy) == (14, 3.0)
+    assert uniform_solution(_synthetic_costs(), "missing", fixed=2) is None
