@@ -1,8 +1,10 @@
 """Decode tokens/s at batch 1, plain against the compiled static-cache path, beside llama.cpp and the bandwidth bound.
 
 Rows: the built-in SmolLM2-135M in float32 and bfloat16, RTN-quantized by slimlm's quantize stage (symmetric) to
-W8 per channel (int8pack) and W4 group 32 (int4pack; Q4_0's grid), and that W4 model with its dense rest (the LM
-head, i.e. the tied embedding, and the norms) cast to bfloat16. Columns:
+W8 per channel (int8pack) and W4 group 32 (int4pack; Q4_0's grid), that W4 model with its dense rest (the LM
+head, i.e. the tied embedding, and the norms) cast to bfloat16, and that W4 model with its LM head quantized too
+(quantize option `lm_head: {bits: 8}`: untied from the embedding, 8-bit per channel on int8pack, as llama.cpp's Q4_0
+file keeps its head in Q8_0). Columns:
 
 - plain / fast tok/s: slimlm.evaluate.speed (greedy, `--prompt-tokens` then `--new-tokens` decode steps, no EOS)
   on the plain path (eager, DynamicCache) and the compiled one (StaticCache + torch.compile); compile seconds are
@@ -16,8 +18,13 @@ head, i.e. the tied embedding, and the norms) cast to bfloat16. Columns:
   the LM head whole, one embedding row; the KV cache is left out) and memory read bandwidth / those bytes, the
   bandwidth measured here as in vs_llamacpp.py (numpy max over 1 GiB, best of 1 and 2 threads).
 
+- ppl: WikiText-2 test perplexity of the model as it runs here (packed kernels included), seq_len 2048, stride
+  2048, the first `--ppl-windows` windows (8: the protocol of benchmarks/quantization.py); 0 skips it.
+
 The three measurements of a row are interleaved over `--rounds` rounds (plain, fast, llama.cpp in each) so that a
 busy machine slows them alike; figures are medians over the rounds, with the 1-minute load average beside them.
+`--rows REGEX` measures some rows and keeps the others from the previous results (same settings), each row with its
+own start time and load average.
 
     python benchmarks/decode.py [--threads 2] [--new-tokens 128] [--rounds 3] [--rows REGEX] [--work DIR]
 """
@@ -39,14 +46,15 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from slimlm.data import load_text
 from slimlm.evaluate.machine import machine_info
+from slimlm.evaluate.perplexity import perplexity_records
 from slimlm.evaluate.speed import greedy_decode, measure_speed, prompt_ids
 from slimlm.export import llamacpp
 from slimlm.export.options import GGUFExport, export_model
 from slimlm.inference.decode import decoder_for
 from slimlm.models import load_model, torch_dtype
-from slimlm.quantize.grid import QuantGrid, quantize_codes
-from slimlm.quantize.packed import QuantizedLinear, quantized_linears
+from slimlm.quantize.packed import quantized_linears
 from slimlm.recipe import parse_recipe
 from slimlm.registry import StageContext, get_stage
 from slimlm.storage import kernel_summary
@@ -60,7 +68,6 @@ class Row(NamedTuple):
     quantize: dict | None  # quantize stage options
     gguf: str  # the GGUF type llama.cpp runs beside it
     cast: str | None = None  # the dtype the model is cast to after quantizing (its dense rest: LM head, norms)
-    w8_head: bool = False  # what-if, not a slimlm stage output: the LM head as a W8 int8pack Linear (head_to_w8)
 
 
 W4 = {"method": "rtn", "bits": 4, "group_size": 32, "sym": True}
@@ -72,7 +79,8 @@ ROWS = {
     # the same W4 codes; the LM head (tied embedding, 113 MB in float32) and norms in bfloat16, which the int4 kernel
     # takes natively; llama.cpp's Q4_0 file keeps that head in Q8_0 (30 MB)
     "W4 int4pack, bf16 rest": Row("float32", W4, "Q4_0", "bfloat16"),
-    "W4 int4pack + W8 head (what-if)": Row("float32", W4, "Q4_0", w8_head=True),
+    # the LM head untied and quantized by the stage (8-bit per channel, int8pack): 28 MB read per token, not 113
+    "W4 int4pack + W8 head": Row("float32", {**W4, "lm_head": {"bits": 8}}, "Q4_0"),
 }
 
 
@@ -87,23 +95,7 @@ def build_model(row: Row):
         get_stage("quantize").apply(loaded.model, options, StageContext(None, None, None))
     if row.cast is not None:
         loaded.model.to(torch_dtype(row.cast))
-    if row.w8_head:
-        head_to_w8(loaded.model)
     return loaded.model, loaded.tokenizer
-
-
-@torch.no_grad()
-def head_to_w8(model) -> None:
-    """What-if for this benchmark only (no slimlm stage quantizes the LM head): the head as a symmetric 8-bit
-    per-channel packed Linear on the int8pack kernel, as llama.cpp's Q4_0 file keeps it in Q8_0 (30 MB instead of
-    113 MB of float32 read per token). Untied: the embedding stays dense for the lookup."""
-    head = model.get_output_embeddings()
-    dense = nn.Linear(head.in_features, head.out_features, bias=False)
-    dense.weight = nn.Parameter(head.weight.detach().clone())
-    model.config.tie_word_embeddings = False
-    model.set_output_embeddings(
-        QuantizedLinear.from_linear(dense, quantize_codes(dense.weight, QuantGrid(8, True, None)))
-    )
 
 
 def weight_bytes_per_token(model: nn.Module) -> int:
@@ -161,6 +153,15 @@ def same_tokens(model, tokenizer, args) -> str:
     return f"{len(plain)}/{len(plain)}" if not differ else f"first {differ[0]}/{len(plain)}"
 
 
+def wikitext_perplexity(model, tokenizer, windows: int) -> dict | None:
+    """WikiText-2 test perplexity on the first `windows` windows of 2048 (module docstring), with its protocol."""
+    if not windows:
+        return None
+    records = perplexity_records(model, tokenizer, load_text("wikitext2"), "wikitext2", 2048, windows)
+    record = next(r for r in records if r.metric == "perplexity")
+    return {"value": record.value, "protocol": record.protocol}
+
+
 def measure_row(label: str, args, ggufs: dict[str, Path], gbps: float) -> dict:
     row = ROWS[label]
     model, tokenizer = build_model(row)
@@ -197,6 +198,7 @@ def measure_row(label: str, args, ggufs: dict[str, Path], gbps: float) -> dict:
         "gguf_bound_tps": gbps * 1e9 / gguf_bytes,
         "rounds": rounds,
         "load_avg_1min": [min(rounds["load"]), max(rounds["load"])],
+        "wikitext2_perplexity": wikitext_perplexity(model, tokenizer, args.ppl_windows),
     }
 
 
@@ -204,7 +206,7 @@ def print_table(console: Console, rows: list[dict], args, gbps: float) -> None:
     table = Table(title=f"Decode tok/s, batch 1, {args.threads} threads, {args.new_tokens} new tokens ({MODEL})")
     columns = (
         "format", "plain", "fast", "path", "compile s", "same tokens", "llama.cpp", "fast / llama.cpp",
-        "MB/token", "bound", "GGUF MB/token", "GGUF bound", "load avg",
+        "MB/token", "bound", "GGUF MB/token", "GGUF bound", "ppl", "load avg",
     )  # fmt: skip
     for column in columns:
         table.add_column(column, justify="right")
@@ -222,6 +224,7 @@ def print_table(console: Console, rows: list[dict], args, gbps: float) -> None:
             f"{row['bound_tps']:.0f}",
             f"{row['gguf_tensor_bytes'] / 1e6:.0f}",
             f"{row['gguf_bound_tps']:.0f}",
+            "-" if row.get("wikitext2_perplexity") is None else f"{row['wikitext2_perplexity']['value']:.2f}",
             "{:.1f}–{:.1f}".format(*row["load_avg_1min"]),
         )
     console.print(table)
@@ -232,12 +235,25 @@ def print_table(console: Console, rows: list[dict], args, gbps: float) -> None:
     )
 
 
+def kept_rows(path: Path, measured: list[dict], args) -> list[dict]:
+    """The rows just measured, and those of the previous results not measured this time (a `--rows` subset), in
+    ROWS order; previous rows are kept only when their settings match (threads, tokens, rounds) and their row still
+    exists. Each row carries its own start time and load average; the bandwidth is the latest run's."""
+    settings = ("threads", "prompt_tokens", "new_tokens", "rounds")
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    same = all(previous.get(key) == getattr(args, key) for key in settings)
+    rows = {row["row"]: row for row in previous.get("rows", []) if same and row["row"] in ROWS}
+    rows.update({row["row"]: row for row in measured})
+    return [rows[label] for label in ROWS if label in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 windows of 2048 per row (0: none)")
     parser.add_argument("--rows", default=".", help="regex over the row names: " + ", ".join(ROWS))
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-decode-bench"), help="GGUF files, reused")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode.json")
@@ -249,10 +265,13 @@ def main() -> None:
     bandwidth = read_bandwidth()
     rows = []
     for label in (label for label in ROWS if re.search(args.rows, label)):
-        rows.append(measure_row(label, args, ggufs, bandwidth["gbps"]))
+        rows.append(
+            {"started": time.strftime("%Y-%m-%d %H:%M:%S"), **measure_row(label, args, ggufs, bandwidth["gbps"])}
+        )
         print(
             f"{label}: fast {rows[-1]['fast_tps']:.1f} tok/s, llama.cpp {rows[-1]['llamacpp_tps']:.1f}", file=sys.stderr
         )
+    rows = kept_rows(args.out, rows, args)
     print_table(Console(width=220), rows, args, bandwidth["gbps"])
     payload = {
         "started": started,

@@ -2,8 +2,8 @@
 besides GPTQ? The same method with `attention_weighted_v` off and on, on the built-in SmolLM2-135M, scored as every
 stage benchmark (common.StageBench: WikiText-2 test @2048, KL and top-1 against the dense model).
 
-Rows: GPTQ W4 g64 (where the weighting was introduced) and SparseGPT 50 % unstructured, each off / on. EoRA's
-v_proj would use the same statistic; it is not wired there (see the closing note of issue 13).
+Rows: GPTQ W4 g64 (where the weighting was introduced), SparseGPT 50 % unstructured, and EoRA rank 32 after RTN W3
+g64 (the weighting applies to EoRA's fit only; RTN has none), each off / on.
 
     python benchmarks/value_weighting.py [--calib-samples 4] [--eval-windows 8] [--only REGEX] [--resume]
 """
@@ -21,10 +21,19 @@ from rich.table import Table
 from common import StageBench, add_common_arguments, fmt
 
 ROWS = {
-    f"{label} v-weighting {'on' if weighted else 'off'}": [(stage, {**options, "attention_weighted_v": weighted})]
-    for label, stage, options in (
-        ("gptq W4 g64", "quantize", {"method": "gptq", "bits": 4, "group_size": 64}),
-        ("sparsegpt 50%", "prune", {"method": "sparsegpt", "sparsity": 0.5}),
+    f"{label} v-weighting {'on' if weighted else 'off'}": [
+        *before,
+        (stage, {**options, "attention_weighted_v": weighted}),
+    ]
+    for label, before, stage, options in (
+        ("gptq W4 g64", [], "quantize", {"method": "gptq", "bits": 4, "group_size": 64}),
+        ("sparsegpt 50%", [], "prune", {"method": "sparsegpt", "sparsity": 0.5}),
+        (
+            "rtn W3 g64 + eora r32",
+            [("quantize", {"method": "rtn", "bits": 3, "group_size": 64, "pack": False})],
+            "lowrank",
+            {"method": "eora", "rank": 32},
+        ),
     )
     for weighted in (False, True)
 }

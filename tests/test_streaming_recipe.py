@@ -73,7 +73,11 @@ def test_auto_streams_only_when_the_model_would_not_fit(tiny_model_dir, tmp_path
 @pytest.mark.parametrize(
     "fields,message",
     [
-        ({"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}]}, r"stages\[0\]\.prune \(magnitude\): needs"),
+        (
+            {"stages": [{"prune": {"method": "magnitude", "sparsity": 0.5}}]},
+            r"stages\[0\]\.prune \(magnitude\): needs .*; streaming runs lowrank \(eora\); prune \(sparsegpt, "
+            r"wanda\); quantize \(awq, gptq, smoothquant\)$",
+        ),
         (
             {"stages": [{"share": {"method": "tie_layers", "count": 1}}]},
             r"stages\[0\]\.share \(tie_layers\): needs the whole",

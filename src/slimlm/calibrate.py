@@ -134,9 +134,13 @@ class InputStats:
         """‖X_j‖₂ over all calibration tokens, per input channel j."""
         return (self.xtx.diagonal() if self.xtx is not None else self.sq_norm).sqrt()
 
-    def hessian(self) -> torch.Tensor:
-        """H = 2/n · XᵀX, the layer-wise reconstruction Hessian of GPTQ/SparseGPT."""
-        return self.xtx * (2.0 / max(self.count, 1))
+    def hessian(self, release: bool = False) -> torch.Tensor:
+        """H = 2/n · XᵀX, the layer-wise reconstruction Hessian of GPTQ/SparseGPT. `release`: the statistic is not
+        read again, so its XᵀX accumulator is let go (at 7B's down_proj another 11008² float32 matrix, 485 MB)."""
+        hessian = self.xtx * (2.0 / max(self.count, 1))
+        if release:
+            self.xtx = None
+        return hessian
 
 
 def shared_input_groups(names: list[str]) -> list[list[str]]:

@@ -31,10 +31,13 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
     If either factorization fails (H is singular or ill-conditioned in float32), λ grows tenfold and we try again.
     Returns U and the relative damping that worked, or an identity factor and None when none did (non-finite
     statistics): with a diagonal factor the updates vanish and the solver degrades to its uncompensated rule
-    (magnitude pruning, round-to-nearest).
+    (magnitude pruning, round-to-nearest). `hessian` is not modified.
+
+    Memory: besides `hessian`, two matrices of its size at most (a 7B down_proj's are 11008² float32, 485 MB each):
+    the damped copy is factorized in place and then overwritten by U (column-major, LAPACK's layout, so that neither
+    call copies), plus the reversed factor the triangular solve reads.
     """
     size = hessian.shape[0]
-    eye = torch.eye(size, dtype=hessian.dtype, device=hessian.device)
     mean_diagonal = hessian.diagonal().mean()
     if torch.isfinite(hessian).all() and mean_diagonal > 0:
         for attempt in range(_DAMPING_ATTEMPTS):
@@ -42,13 +45,27 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> tuple[torch.Te
             # H = R·Rᵀ with R upper triangular (the lower factor of H with rows and columns reversed, reversed back);
             # then H⁻¹ = R⁻ᵀ·R⁻¹ and U = R⁻¹ is its upper Cholesky factor: one factorization and one triangular
             # solve, instead of inverting H and factorizing the inverse (torch.cholesky_inverse is slow on CPU).
-            reversed_lower, info = torch.linalg.cholesky_ex((hessian + relative * mean_diagonal * eye).flip(0, 1))
+            work = _reversed_column_major(hessian)
+            work.diagonal().add_(relative * mean_diagonal)  # H + λI, reversed (λ is the same on every diagonal entry)
+            _, info = torch.linalg.cholesky_ex(work, out=(work, torch.empty((), dtype=torch.int32)))
             if info.item() != 0:
                 continue
-            upper = torch.linalg.solve_triangular(reversed_lower.flip(0, 1), eye, upper=True)
-            if torch.isfinite(upper).all():
-                return upper, relative
-    return eye, None
+            upper_factor = work.flip(0, 1)  # R
+            work.zero_().diagonal().fill_(1)  # the identity, solved in place into U = R⁻¹
+            torch.linalg.solve_triangular(upper_factor, work, upper=True, out=work)
+            del upper_factor
+            if torch.isfinite(work).all():
+                return work, relative
+    return torch.eye(size, dtype=hessian.dtype, device=hessian.device), None
+
+
+def _reversed_column_major(matrix: torch.Tensor) -> torch.Tensor:
+    """A copy of `matrix` with rows and columns reversed, stored column-major (as LAPACK wants it: the factorization
+    and the solve then run in place, and the reversed factor R comes out column-major as the solve has always had
+    it, which keeps U bit for bit what it was)."""
+    reversed_copy = torch.empty_like(matrix).mT
+    reversed_copy.copy_(matrix.flip(0, 1))
+    return reversed_copy
 
 
 def conditioning_notes(name: str, dead_inputs: int, damp_used: float | None, damp: float, fallback: str) -> list[str]:

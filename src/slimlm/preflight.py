@@ -21,6 +21,7 @@ import psutil
 
 from slimlm.errors import SlimlmError
 from slimlm.modules import PROJECTION_WIDTHS, SHORT_NAMES, attention_head_dim
+from slimlm.registry import get_stage, stage_names
 
 _CHECKS: dict[str, Callable] = {}
 
@@ -174,6 +175,25 @@ def check_data(recipe) -> None:
         task_protocols(harness_tasks, recipe.evaluate.task_protocols)
     except SlimlmError as err:
         raise SlimlmError(f"evaluate.tasks: {err}") from None
+    _check_task_training_rows(recipe)
+
+
+def _check_task_training_rows(recipe) -> None:
+    """A distill stage that trains on a task's held-apart rows (teacher_text.prompts: sst2 | triviaqa) must not be
+    evaluated on them: the task's evaluation has to stop before the first row training reads."""
+    from slimlm.recover.teacher_text import HELD_APART
+
+    for index, stage in enumerate(recipe.stages):
+        task = getattr(getattr(stage.options, "teacher_text", None), "prompts", None)
+        if task not in HELD_APART or task not in recipe.evaluate.tasks:
+            continue
+        limit, first_trained = recipe.evaluate.task_limit, HELD_APART[task]
+        if limit is None or limit > first_trained:
+            raise SlimlmError(
+                f"evaluate.task_limit: {limit or 'all'} {task} documents would score rows that stages[{index}]."
+                f"{stage.name} trains on (teacher_text.prompts: {task} reads rows {first_trained} on); set task_limit "
+                f"to at most {first_trained}"
+            )
 
 
 def _check_source(where: str, source: str, named: tuple[str, ...]) -> None:
@@ -232,9 +252,6 @@ def check_exports(recipe) -> None:
                 )
 
 
-# The stage methods that run inside the calibration walk, which streams one decoder layer at a time (streaming.py);
-# every other stage or method needs the whole model in memory.
-STREAMING_METHODS = {"prune": ("wanda", "sparsegpt"), "quantize": ("gptq", "awq", "smoothquant"), "lowrank": ("eora",)}
 _GIB = 2**30
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -287,17 +304,23 @@ def streaming_choice(recipe) -> StreamingChoice:
     return StreamingChoice(True, reason)
 
 
+def _streaming_methods() -> str:
+    """The methods registered as streaming (the calibration-walk methods), per stage: 'prune (sparsegpt, wanda)'."""
+    stages = [get_stage(name) for name in stage_names()]
+    listed = [(spec.name, sorted(spec.methods.streaming)) for spec in stages if spec.methods is not None]
+    return "; ".join(f"{name} ({', '.join(methods)})" for name, methods in listed if methods)
+
+
 def check_streamable(recipe, why: str) -> None:
     """A streamed run (chosen because of `why`) holds one decoder layer at a time: every stage must run inside the
     calibration walk, the calibration data must not be sampled from the whole model, and nothing is exported."""
-    methods = "; ".join(f"{stage} ({', '.join(names)})" for stage, names in STREAMING_METHODS.items())
     for index, stage in enumerate(recipe.stages):
         method = getattr(stage.options, "method", None)
-        if method not in STREAMING_METHODS.get(stage.name, ()):
+        if not get_stage(stage.name).streams(stage.options):
             label = f"{stage.name} ({method})" if method else stage.name
             raise SlimlmError(
                 f"stages[{index}].{label}: needs the whole model in memory, which a streamed run "
-                f"({why}) never loads; streaming runs {methods}"
+                f"({why}) never loads; streaming runs {_streaming_methods()}"
             )
     if recipe.calibration.data == "self":
         raise SlimlmError(

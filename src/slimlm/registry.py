@@ -22,17 +22,23 @@ FAMILIES = ("slimlm.prune", "slimlm.quantize", "slimlm.lowrank", "slimlm.recover
 class MethodRegistry(dict):
     """name -> function(model, options, context) of one stage's methods: ``@METHODS.register("wanda", WandaOptions)``
     adds one with its own options model (torchao's config per method; None: the stage's options model),
-    ``METHODS.check(name)`` is the options validator (one line naming the known methods)."""
+    ``METHODS.check(name)`` is the options validator (one line naming the known methods). ``streams=True`` says the
+    method runs entirely inside the calibration walk, so it works on a layer-streamed model (streaming.py)."""
 
     def __init__(self):
         super().__init__()
         self.options: dict[str, type[StageOptions]] = {}
+        self.streaming: set[str] = set()
 
-    def register(self, name: str, options: type[StageOptions] | None = None) -> Callable[[Callable], Callable]:
+    def register(
+        self, name: str, options: type[StageOptions] | None = None, streams: bool = False
+    ) -> Callable[[Callable], Callable]:
         def decorate(fn: Callable) -> Callable:
             self[name] = fn
             if options is not None:
                 self.options[name] = options
+            if streams:
+                self.streaming.add(name)
             return fn
 
         return decorate
@@ -91,6 +97,10 @@ class StageSpec:
     def needs_original_layout(self, options: StageOptions) -> bool:
         rule = self.original_layout_rule
         return rule(options) if callable(rule) else rule
+
+    def streams(self, options: StageOptions) -> bool:
+        """Whether this stage, with these options, runs on a layer-streamed model (its method registered streams)."""
+        return self.methods is not None and getattr(options, "method", None) in self.methods.streaming
 
     def produces(self, options: StageOptions) -> Kinds:
         return self.produces_rule(options) if callable(self.produces_rule) else self.produces_rule

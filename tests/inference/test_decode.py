@@ -50,6 +50,7 @@ def hf_greedy(model, input_ids: torch.Tensor, new_tokens: int = NEW_TOKENS) -> l
         ("dense", None, "dense"),
         ("W4 g32", {"method": "rtn", "bits": 4, "group_size": 32}, "int4pack"),
         ("W8 per channel", {"method": "rtn", "bits": 8, "group_size": None}, "int8pack"),
+        ("W4 g32 + W8 head", {"method": "rtn", "bits": 4, "group_size": 32, "lm_head": {"bits": 8}}, "int8pack"),
     ],
 )
 def test_compiled_greedy_tokens_equal_the_plain_hf_path(tiny_tokenizer, kind, options, kernel):
@@ -63,7 +64,10 @@ def test_compiled_greedy_tokens_equal_the_plain_hf_path(tiny_tokenizer, kind, op
     plain_tokens, plain_logits, _ = greedy(Decoder(model, compile=False), input_ids)
 
     assert decoder.path == COMPILED and decoder.step_path(cache) == COMPILED and decoder.note == ""
-    assert decoder.head_kernel == ONEDNN_HEAD  # the dense float32 head, after the graph
+    if options and "lm_head" in options:  # the packed head inside the graph on its own kernel
+        assert decoder.head_kernel.startswith("int8pack") and decoder._head is None
+    else:
+        assert decoder.head_kernel == ONEDNN_HEAD  # the dense float32 head, after the graph
     assert isinstance(cache, StaticCache) and decoder.compile_seconds > 0
     assert len(set(plain_tokens)) > NEW_TOKENS // 3  # a continuation that moves, so equality means something
     assert compiled_tokens == plain_tokens == hf_greedy(model, input_ids)

@@ -183,3 +183,40 @@ def test_eora_observes_inputs_after_the_compensation_before_them(original, monke
     order = [qkv, ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
     assert [names for names, _ in seen] == order * 2
     assert [count for _, count in seen] == [0, 3, 4, 6, 7, 10, 11, 13]
+
+
+def test_attention_weighted_v_fits_each_kv_head_in_its_own_eigenspace(original):
+    plain, weighted = copy.deepcopy(original), copy.deepcopy(original)
+    for model in (plain, weighted):
+        run_stage(model, original, "quantize", method="rtn", bits=3, group_size=16, pack=False)
+    run_stage(plain, original, "lowrank", method="eora", rank=5)
+    run_stage(weighted, original, "lowrank", method="eora", rank=5, attention_weighted_v=True)
+    heads = original.config.num_key_value_heads
+    shares = [5 // heads + (head < 5 % heads) for head in range(heads)]
+    for layer_plain, layer_weighted in zip(decoder_layers(plain), decoder_layers(weighted), strict=True):
+        value = layer_weighted.self_attn.v_proj
+        assert value.rank == 5  # the same size as the plain pair
+        rows, column = value.out_features // heads, 0
+        for head, share in enumerate(shares):  # B is block-diagonal: each head's rows use only its share of the rank
+            block = value.b[head * rows : (head + 1) * rows].float()
+            assert block[:, column : column + share].abs().sum() > 0
+            assert block[:, :column].abs().sum() == 0 and block[:, column + share :].abs().sum() == 0
+            column += share
+        assert not torch.equal(value.b, layer_plain.self_attn.v_proj.b)
+    first_plain, first_weighted = decoder_layers(plain)[0], decoder_layers(weighted)[0]  # same inputs: q_proj alike
+    assert torch.equal(first_weighted.self_attn.q_proj.a, first_plain.self_attn.q_proj.a)
+
+
+def test_row_block_factors_fit_each_block_on_its_own():
+    from slimlm.lowrank.eora import _row_block_factors
+    from slimlm.lowrank.factorize import eora_factors
+
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(12, 8, generator=generator)
+    inputs = [torch.randn(64, 8, generator=generator) for _ in range(3)]
+    covariances = [x.T @ x for x in inputs]
+    a, b = _row_block_factors(delta, covariances, 4)  # shares 2, 1, 1
+    for (start, end, first, last), covariance in zip([(0, 4, 0, 2), (4, 8, 2, 3), (8, 12, 3, 4)], covariances):
+        block_a, block_b = eora_factors(delta[start:end], covariance, last - first)
+        torch.testing.assert_close(a[first:last], block_a)
+        torch.testing.assert_close(b[start:end, first:last], block_b)

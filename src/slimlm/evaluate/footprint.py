@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from slimlm.evaluate.records import Record
-from slimlm.modules import named_decoder_linears
+from slimlm.modules import decoder_layers, named_decoder_linears
 from slimlm.storage import StoredModule, weight_modules
 
 # Weight formats in the order from_pretrained prefers them: a folder holding both safetensors and a .bin copy
@@ -62,9 +62,11 @@ def _parameter_total(model: nn.Module) -> int:
 
 
 def _decoder_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, weight) of every decoder Linear in model order, a packed one's weight dequantized (one at a time)."""
+    """(name, weight) of every decoder Linear in model order, a packed one's weight dequantized (one at a time); a
+    packed LM head (quantize.lm_head) is not one."""
     plain = {id(linear) for _, linear in named_decoder_linears(model)}
-    packed = {id(module) for module in _packed_linears(model)}
+    inside = {id(module) for layer in decoder_layers(model) for module in layer.modules()}
+    packed = {id(module) for module in _packed_linears(model) if id(module) in inside}
     for name, module in model.named_modules():
         if id(module) in plain:
             yield name, module.weight

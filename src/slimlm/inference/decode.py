@@ -8,6 +8,8 @@ compiled once per process: `Decoder.compile_seconds` says how long that took, ap
 One exception: a dense float32 LM head runs after the graph on oneDNN (`onednn_head`; `Decoder.head_kernel` says
 so). torch's float32 matmul calls MKL, whose matrix-vector product streams ~19 GB/s on this AMD CPU against ~53 GB/s
 for oneDNN's (SmolLM2's 49152×576 head, 2 threads, measured), and the head is the largest matrix a step reads.
+A packed head (quantize `lm_head`) stays inside the graph on its own low-bit kernel, which reads a quarter of the
+float32 bytes (8-bit); `head_kernel` then names that kernel.
 
 The plain path ("plain"): the model's eager forward with whatever cache it is given (a `DynamicCache` by default,
 any transformers `Cache` works). It runs when compiling is switched off, when the cache given is not a static one,
@@ -32,6 +34,7 @@ from torch.utils.mkldnn import MkldnnLinear
 from transformers import Cache, DynamicCache, StaticCache
 
 from slimlm.progress import progress_bar
+from slimlm.storage import StoredModule
 
 COMPILED = "compiled static cache"
 PLAIN = "plain"
@@ -116,8 +119,14 @@ class Decoder:
 
     @property
     def head_kernel(self) -> str | None:
-        """What runs the LM head on the compiled path when not the model's own module (None: the model's)."""
-        return ONEDNN_HEAD if self.compiled and self._head is not None else None
+        """What runs the LM head on the compiled path: oneDNN, or a packed head's kernel; None: the model's own
+        dense module."""
+        if not self.compiled:
+            return None
+        if self._head is not None:
+            return ONEDNN_HEAD
+        head = self.model.get_output_embeddings()
+        return head.kernel_label() if isinstance(head, StoredModule) else None
 
     def new_cache(self, tokens: int) -> Cache:
         """An empty cache for `tokens` tokens (prompt and new ones): static on the compiled path, compiled for its

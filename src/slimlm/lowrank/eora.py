@@ -9,6 +9,8 @@ are stored in float16 beside the compressed module (`CompensatedLinear`), which 
 The inputs are those of the compressed model, compensation included: the calibration walk (calibrate.walk_layers)
 feeds each decoder layer the outputs of the already compensated layers before it, and within a layer the Linears
 are compensated in GPTQ's true-sequential order, so o_proj sees the outputs of the compensated q/k/v, and so on.
+With `attention_weighted_v`, v_proj's error is fitted one KV head at a time, each in the eigenspace of its own
+attention-weighted covariance (slimlm/value_hessian.py, as GPTQ's and SparseGPT's v_proj Hessians).
 The original's weights are read one layer at a time (streaming.read_tensors), so a layer-streamed model can be
 compensated against a streamed original (streaming.streamed_reference) without either being whole in memory.
 """
@@ -30,16 +32,22 @@ from slimlm.lowrank.stage import (
     register_lowrank_method,
     target_modules,
 )
-from slimlm.modules import SEQUENTIAL_SETS, decoder_layers, named_decoder_linears
+from slimlm.modules import SEQUENTIAL_SETS, VALUE, decoder_layers, named_decoder_linears
 from slimlm.streaming import read_tensors
+from slimlm.value_hessian import value_hessians
 
 
 class EoRAOptions(LowRankTargets):
     """eora's options: a rank or rank_ratio (no energy: the error it approximates is not a weight), and every
     projection by default (a compensation only adds a correction)."""
 
+    # v_proj's rank split over its KV heads, each head's rows fitted to a covariance weighing every token by the
+    # attention it receives; the factors stack into one pair of the same rank and size (measured in
+    # benchmarks/value_weighting.py)
+    attention_weighted_v: bool = False
 
-@register_lowrank_method("eora", EoRAOptions)
+
+@register_lowrank_method("eora", EoRAOptions, streams=True)
 @torch.no_grad()
 def eora_compensate(model, options: EoRAOptions, context) -> None:
     """Wrap every compressed target in a CompensatedLinear holding EoRA factors of its error."""
@@ -55,11 +63,13 @@ def eora_compensate(model, options: EoRAOptions, context) -> None:
             if not group:
                 continue
             covariances = _input_covariances(layer, inputs, group)
+            per_head = value_hessians(layer, inputs) if VALUE in group and options.attention_weighted_v else None
             # the original's weights of this layer only: a streamed original is read a layer at a time
             originals = read_tensors(original, [f"model.layers.{index}.{name}.weight" for name in group])
             for name, module in group.items():
                 full = f"model.layers.{index}.{name}"
-                result = _compensate(full, module, originals[full + ".weight"], covariances[name], options)
+                fitted_to = per_head if name == VALUE and per_head is not None else [covariances[name]]
+                result = _compensate(full, module, originals[full + ".weight"], covariances[name], fitted_to, options)
                 if result is None:
                     untouched.append(full)
                     continue
@@ -123,18 +133,24 @@ def _input_covariances(layer: nn.Module, inputs: LayerInputs, modules: dict[str,
 
 
 def _compensate(
-    name: str, module: nn.Module, original: torch.Tensor, covariance: torch.Tensor, options: EoRAOptions
+    name: str,
+    module: nn.Module,
+    original: torch.Tensor,
+    covariance: torch.Tensor,
+    fitted_to: list[torch.Tensor],
+    options: EoRAOptions,
 ) -> dict | None:
     """The CompensatedLinear for one module (`original`: the original's weight) and what the notes need; None when
-    it equals the original."""
+    it equals the original. The factors are fitted to `fitted_to`, one covariance per equal block of rows (v_proj's
+    KV heads when attention-weighted, else [covariance]); the notes' errors are measured on the plain `covariance`."""
     compressed = effective_weight(module).detach().float()
     delta = original.detach().to(compressed.device, torch.float32) - compressed
     check_finite(name, options, "the compression error (original − compressed weights)", delta)
     if not delta.any():
         return None
-    check_finite(name, options, "the calibration inputs", covariance)
+    check_finite(name, options, "the calibration inputs", covariance, *fitted_to)
     rank = checked_rank(name, delta.shape, options)
-    wrapped = CompensatedLinear(module, *eora_factors(delta, covariance, rank))
+    wrapped = CompensatedLinear(module, *_row_block_factors(delta, fitted_to, rank))
     check_finite(name, options, "the factors", wrapped.a, wrapped.b)  # after the float16 cast: it may overflow
     residual = delta.double() - wrapped.b.double() @ wrapped.a.double()
     return {
@@ -146,6 +162,29 @@ def _compensate(
         "error_before": output_error(delta, covariance),
         "error_after": output_error(residual, covariance),
     }
+
+
+def _row_block_factors(
+    delta: torch.Tensor, covariances: list[torch.Tensor], rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """EoRA's A and B for `delta` split into equal blocks of rows, each fitted in the eigenspace of its own covariance
+    with a share of `rank`; stacked into one pair (B block-diagonal), the size of a single rank-`rank` pair."""
+    if len(covariances) == 1:
+        return eora_factors(delta, covariances[0], rank)
+    blocks = delta.split(delta.shape[0] // len(covariances))
+    shares = [rank // len(blocks) + (index < rank % len(blocks)) for index in range(len(blocks))]
+    a, b = (
+        delta.new_zeros(rank, delta.shape[1], dtype=torch.float64),
+        delta.new_zeros(*delta.shape[:1], rank, dtype=torch.float64),
+    )
+    row, column = 0, 0
+    for block, covariance, share in zip(blocks, covariances, shares, strict=True):
+        if share:
+            block_a, block_b = eora_factors(block, covariance, share)
+            a[column : column + share] = block_a
+            b[row : row + block.shape[0], column : column + share] = block_b
+        row, column = row + block.shape[0], column + share
+    return a, b
 
 
 def _notes(done: list[dict], untouched: list[str], options: EoRAOptions) -> list[str]:

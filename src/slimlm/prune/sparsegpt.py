@@ -121,7 +121,7 @@ def _row_block_sparsities(sparsity: float, blocks: int, numel: int) -> list[floa
     return [(cumulative[k + 1] - cumulative[k] + 0.5) / numel for k in range(blocks)]
 
 
-@register_prune_method("sparsegpt", SparseGPTOptions)
+@register_prune_method("sparsegpt", SparseGPTOptions, streams=True)
 @torch.no_grad()
 def sparsegpt_prune(model, options: SparseGPTOptions, context) -> None:
     """SparseGPT of every decoder Linear, layer by layer; all Linears of a layer from one pass over its inputs."""

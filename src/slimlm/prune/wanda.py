@@ -21,7 +21,7 @@ def wanda_scores(linear: nn.Linear, stats: InputStats) -> torch.Tensor:
     return linear.weight.detach().abs().float() * stats.channel_norm().unsqueeze(0)
 
 
-@register_prune_method("wanda")
+@register_prune_method("wanda", streams=True)
 @torch.no_grad()
 def wanda_prune(model, options: PruneOptions, context) -> None:
     """Drop the lowest |W|·‖X‖ of every output row (N:M: of every group of M inputs), layer by layer."""

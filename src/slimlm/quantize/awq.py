@@ -115,7 +115,7 @@ def scale_layer(layer: nn.Module, inputs, options: AWQOptions, seed: int) -> lis
     return lines
 
 
-@register_quant_method("awq", AWQOptions)
+@register_quant_method("awq", AWQOptions, streams=True)
 @torch.no_grad()
 def awq_quantize(model, options: AWQOptions, context) -> None:
     """AWQ scales searched and folded layer by layer, then round-to-nearest on the scaled weights."""

@@ -55,21 +55,25 @@ class GPTQ:
         self, weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid, damp: float = 0.01, act_order: bool = False
     ):
         self.grid = grid
-        weight, hessian = weight.detach().float(), hessian.detach().float()
-        self.weight = (weight.unsqueeze(0) if weight.dim() == 2 else weight).clone()  # [batch, rows, columns]
-        hessians = (hessian.unsqueeze(0) if hessian.dim() == 2 else hessian).clone()
+        weight = weight.detach().to(torch.float32, copy=True)  # ours: dead inputs' columns are zeroed in it
+        self.weight = weight.unsqueeze(0) if weight.dim() == 2 else weight  # [batch, rows, columns]
+        # not copied (a 7B down_proj's is 11008² float32, 485 MB): dead inputs change the diagonal only, restored below
+        hessian = hessian.detach().float()
+        hessians = hessian.unsqueeze(0) if hessian.dim() == 2 else hessian
         batch, rows, columns = self.weight.shape
         self.width = grid.group_width(columns)
-        self.dead_inputs = [drop_dead_inputs(w, h) for w, h in zip(self.weight, hessians, strict=True)]
-        # visiting order: the inputs with the largest (squared) activations first, while most columns remain to
-        # absorb their error
-        if act_order:
-            self.order = torch.argsort(hessians.diagonal(dim1=1, dim2=2), dim=1, descending=True)
-        else:
-            self.order = torch.arange(columns, device=self.weight.device).expand(batch, columns)
-        factors = [inverse_hessian_factor(h[o][:, o], damp) for h, o in zip(hessians, self.order, strict=True)]
-        self.hinv = torch.stack([factor for factor, _ in factors])
-        self.damp_used = [used for _, used in factors]
+        diagonals = hessians.diagonal(dim1=1, dim2=2).clone()
+        try:
+            self.dead_inputs = [drop_dead_inputs(w, h) for w, h in zip(self.weight, hessians, strict=True)]
+            # visiting order: the inputs with the largest (squared) activations first, while most columns remain to
+            # absorb their error
+            if act_order:
+                self.order = torch.argsort(hessians.diagonal(dim1=1, dim2=2), dim=1, descending=True)
+            else:
+                self.order = torch.arange(columns, device=self.weight.device).expand(batch, columns)
+            self.hinv, self.damp_used = self._inverse_factors(hessians, damp, act_order)
+        finally:
+            hessians.diagonal(dim1=1, dim2=2).copy_(diagonals)
         # static parameters (act_order, or one group per row) from the original weights; else set as groups start
         self.static = act_order or self.width == columns
         groups = self.weight.view(batch, rows, columns // self.width, self.width)
@@ -79,6 +83,20 @@ class GPTQ:
             self.scale = torch.ones(groups.shape[:3], device=self.weight.device)
             self.zero = torch.zeros_like(self.scale)
 
+    def _inverse_factors(self, hessians: torch.Tensor, damp: float, act_order: bool):
+        """The inverse Hessians' upper Cholesky factors [batch, columns, columns], in visiting order, and the damping
+        each needed; one matrix held at a time besides the result (a single factor is used as it comes)."""
+        permuted = (h[o[:, None], o] if act_order else h for h, o in zip(hessians, self.order, strict=True))
+        if len(hessians) == 1:
+            factor, used = inverse_hessian_factor(next(permuted), damp)
+            return factor.unsqueeze(0), [used]
+        factors, damp_used = torch.empty_like(hessians), []
+        for index, hessian in enumerate(permuted):
+            factor, used = inverse_hessian_factor(hessian, damp)
+            factors[index] = factor
+            damp_used.append(used)
+        return factors, damp_used
+
     def quantize(self, blocksize: int = 128) -> QuantizedWeight:
         (quantized,) = self.quantize_stack(blocksize)
         return quantized
@@ -86,7 +104,7 @@ class GPTQ:
     def quantize_stack(self, blocksize: int = 128) -> list[QuantizedWeight]:
         index = self.order.unsqueeze(1).expand_as(self.weight)
         weight = self.weight.gather(2, index)  # a permuted copy, updated in place
-        codes = torch.zeros_like(weight)  # in visiting order
+        codes = torch.zeros_like(weight, dtype=torch.uint8)  # in visiting order (integers: exact in uint8)
         per_column = self._static_columns(index) if self.static else None
         start = 0
         while start < weight.shape[2]:
@@ -95,7 +113,7 @@ class GPTQ:
             # the block's rounding errors, spread over every column to its right at once (the "lazy batch" update)
             weight[:, :, end:] -= errors @ self.hinv[:, start:end, end:]
             start = end
-        codes = torch.zeros_like(codes).scatter_(2, index, codes).to(torch.uint8)
+        codes = torch.zeros_like(codes).scatter_(2, index, codes)
         scale, zero = self.scale.half(), self.zero.to(torch.uint8)
         return [QuantizedWeight(c, s, z, self.grid) for c, s, z in zip(codes, scale, zero, strict=True)]
 
@@ -151,20 +169,19 @@ def stacked_solve(weights: list[torch.Tensor], hessian: torch.Tensor, grid: Quan
     return parts, solver
 
 
-def per_head_solve(weight: torch.Tensor, hessians: list[torch.Tensor], grid: QuantGrid, options: GPTQOptions):
-    """GPTQ of a matrix whose row blocks (one per KV head) each have their own Hessian, in one batched column loop;
-    the blocks' codes, scales and zero points stacked back in row order."""
+def per_head_solve(weight: torch.Tensor, hessians: torch.Tensor, grid: QuantGrid, options: GPTQOptions):
+    """GPTQ of a matrix whose row blocks (one per KV head) each have their own Hessian ([heads, in, in], or a list),
+    in one batched column loop; the blocks' codes, scales and zero points stacked back in row order."""
     heads = len(hessians)
-    solver = GPTQ(
-        weight.reshape(heads, -1, weight.shape[1]), torch.stack(hessians), grid, options.damp, options.act_order
-    )
+    stacked = hessians if isinstance(hessians, torch.Tensor) else torch.stack(hessians)
+    solver = GPTQ(weight.reshape(heads, -1, weight.shape[1]), stacked, grid, options.damp, options.act_order)
     parts = solver.quantize_stack(options.blocksize)
     return QuantizedWeight(
         *(torch.cat([getattr(p, f) for p in parts]) for f in ("codes", "scale", "zero")), grid
     ), solver
 
 
-@register_quant_method("gptq", GPTQOptions)
+@register_quant_method("gptq", GPTQOptions, streams=True)
 @torch.no_grad()
 def gptq_quantize(model, options: GPTQOptions, context) -> None:
     """GPTQ of every target Linear, layer by layer, true-sequential within a layer."""
@@ -195,7 +212,7 @@ def gptq_quantize(model, options: GPTQOptions, context) -> None:
                 names = [name for name in names if name != VALUE]
             if names:  # the rest of the set reads one input: one Hessian, one solve
                 parts, solver = stacked_solve(
-                    [linears[n].weight for n in names], stats[names[0]].hessian(), grid, options
+                    [linears[n].weight for n in names], stats[names[0]].hessian(release=True), grid, options
                 )
                 for name, quantized in zip(names, parts, strict=True):
                     store_quantized(linears[name], quantized)

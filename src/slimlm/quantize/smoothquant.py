@@ -49,7 +49,7 @@ def replace_with_w8a8(layer: nn.Module, names: list[str], kernel: str) -> None:
     )
 
 
-@register_quant_method("smoothquant", SmoothQuantOptions)
+@register_quant_method("smoothquant", SmoothQuantOptions, streams=True)
 @torch.no_grad()
 def smoothquant_quantize(model, options: SmoothQuantOptions, context) -> None:
     """Smooth the norm-fed groups with migration strength α, then W8A8 every target Linear, layer by layer."""

@@ -33,6 +33,7 @@ from slimlm.modules import (
     named_decoder_linears,
 )
 from slimlm.quantize.grid import QUANTIZED_ATTRIBUTE, QuantGrid, QuantizedWeight
+from slimlm.quantize.lm_head import HeadOptions, check_head, quantize_head
 from slimlm.quantize.packed import pack_model, quantized_linears
 from slimlm.registry import (
     DENSE,
@@ -76,6 +77,8 @@ class QuantizeOptions(QuantizeTargets):
     group_size: PositiveInt | None = 64  # input columns per scale; None: one scale per output channel
     sym: bool = True
     pack: bool = True  # replace the fake-quantized Linears by packed QuantizedLinears (see the module docstring)
+    # the LM head too, on its own grid (lm_head.py); None: it stays as it is (tied to the embeddings if it was)
+    lm_head: HeadOptions | None = None
 
     def grid(self) -> QuantGrid:
         return QuantGrid(self.bits, self.sym, self.group_size)
@@ -178,7 +181,7 @@ def _quantization_note(options: QuantizeOptions, count: int) -> str:
         f"quantize: {options.method}, {options.bits}-bit "
         f"{'symmetric (ggml Q4_0/Q8_0 scale rule)' if options.sym else 'asymmetric (integer zero point)'}, "
         f"{granularity}, targets {', '.join(options.targets or SHORT_NAMES)} ({count} Linears; embeddings, norms "
-        "and the LM head stay as they were)."
+        f"{'stay as they were, the LM head: see below' if options.lm_head else 'and the LM head stay as they were'})."
     )
 
 
@@ -222,8 +225,13 @@ def quantize(model, options: QuantizeOptions, context):
     """Weight-only integer quantization of the decoder Linears (round-to-nearest or GPTQ), per group or channel."""
     _check_group_size(target_linears(model, options), options)
     _check_streamable(model, options)
+    head = getattr(options, "lm_head", None)  # smoothquant's options have none
+    if head is not None:
+        check_head(model, head)
     finisher = _LayerFinisher(model, options)
     with finishing_layers(model, finisher):
         QUANT_METHODS[options.method](model, options, context)
     context.notes.extend(finisher.notes())
+    if head is not None:
+        context.notes.append(quantize_head(model, head, options.pack))
     return model
