@@ -105,8 +105,14 @@ def _saved(folder, tokenizer, stages):
         ([("quantize", {"method": "smoothquant", "bits": 8, "group_size": None})], "W8A8 int8×int8"),
         ([("lowrank", {"method": "svd", "rank": 8})], "low-rank"),
         ([("prune_depth", {"remove": 1})], "dense"),
+        ([("quantize", {"method": "rtn", "bits": 8, "group_size": None})], "int8pack"),
+        ([("share", {"method": "kmeans", "bits": 3})], "codebook lookup"),
+        (
+            [("quantize", {"method": "rtn", "bits": 4, "group_size": 32}), ("lowrank", {"method": "eora", "rank": 4})],
+            "EoRA correction",
+        ),
     ],
-    ids=["packed-W4", "W8A8-smoothquant", "lowrank-svd", "depth-pruned"],
+    ids=["packed-W4", "W8A8-smoothquant", "lowrank-svd", "depth-pruned", "packed-W8", "codebook-kmeans", "eora"],
 )
 def test_every_slimlm_output_generates_compiled_with_its_kernels(tmp_path, tiny_tokenizer, stages, kernel):
     folder = _saved(tmp_path / "model", tiny_tokenizer, stages)
