@@ -138,3 +138,16 @@ def _one_thread_for_tiny_models(request):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_task_hooks():
+    """slimlm's lm-eval task hooks (evaluate/tasks/utils.py) as lm-eval loads them: from their file, since the YAML
+    folder is no Python package."""
+    import importlib.util
+
+    from slimlm.evaluate.tasks import TASKS_DIR
+
+    spec = importlib.util.spec_from_file_location("slimlm_task_hooks", TASKS_DIR / "utils.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

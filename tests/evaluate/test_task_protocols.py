@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,7 +14,7 @@ from lm_eval.api.registry import get_filter
 from lm_eval.api.task import ConfigurableTask
 from lm_eval.models.huggingface import HFLM
 
-from conftest import build_tiny_llama, build_tokenizer
+from conftest import build_tiny_llama, build_tokenizer, load_task_hooks
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.records import Record, at_chance
 from slimlm.evaluate.suite import evaluate_model
@@ -30,14 +29,7 @@ CHAT_TEMPLATE = (
 TRIVIAQA_FILE = "triviaqa/triviaqa_validation_3000.jsonl"
 
 
-def _load_task_hooks():
-    spec = importlib.util.spec_from_file_location("slimlm_task_hooks", TASKS_DIR / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hooks = _load_task_hooks()
+hooks = load_task_hooks()
 
 
 @pytest.fixture(scope="module")

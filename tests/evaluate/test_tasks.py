@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from conftest import load_task_hooks
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.tasks import BUILTIN_TASKS, DEFAULT_PROTOCOLS, TASKS_DIR, run_tasks
 from slimlm.paths import shared_data_dir
@@ -26,15 +27,7 @@ EXPECTED_METRICS = {
 }
 
 
-def _load_task_hooks():
-    """tasks/utils.py as lm-eval loads it: from its file, since the YAML folder is no Python package."""
-    spec = importlib.util.spec_from_file_location("slimlm_task_hooks", TASKS_DIR / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hooks = _load_task_hooks()
+hooks = load_task_hooks()
 
 
 @pytest.fixture(scope="module")

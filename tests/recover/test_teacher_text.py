@@ -1,13 +1,11 @@
 """Teacher-generated training text (black-box and task-specific distillation, recover/teacher_text.py)."""
 
-import importlib.util
-
 import jinja2
 import pytest
 import torch
 import yaml
 
-from conftest import build_tiny_llama, write_documents
+from conftest import build_tiny_llama, load_task_hooks, write_documents
 from slimlm.calibration import Calibration
 from slimlm.evaluate.tasks import TASKS_DIR
 from slimlm.paths import shared_data_dir
@@ -16,16 +14,7 @@ from slimlm.recover import teacher_text
 from slimlm.recover.teacher_text import HELD_APART, TeacherTextOptions
 from slimlm.registry import StageContext, get_stage
 
-
-def _task_hooks():
-    """The lm-eval hooks module of the builtin tasks (a file beside the YAMLs, not a package module)."""
-    spec = importlib.util.spec_from_file_location("slimlm_task_hooks", TASKS_DIR / "utils.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-hooks = _task_hooks()
+hooks = load_task_hooks()
 
 
 def test_packed_teacher_text_scores_only_the_teachers_tokens():
