@@ -81,7 +81,7 @@ def _own_copy(function):
     return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
 
 
-def _reason(err: BaseException) -> str:
+def error_reason(err: BaseException) -> str:
     """`Type: first line` of the exception at the bottom of the chain: dynamo wraps a backend's error in its own,
     whose first line only says that the backend raised (the original is its `inner_exception` or `__cause__`)."""
     while (inner := getattr(err, "inner_exception", None) or err.__cause__) is not None:
@@ -177,7 +177,7 @@ class Decoder:
             try:
                 self._compile_for(length)
             except Exception as err:  # noqa: BLE001  (inductor fails in many ways: no compiler, unsupported op)
-                self._fall_back(f"torch.compile failed ({_reason(err)})")
+                self._fall_back(f"torch.compile failed ({error_reason(err)})")
             done()
         self.compile_seconds += time.perf_counter() - start
 

@@ -33,7 +33,7 @@ import torch
 from transformers import Cache, StaticCache
 
 from slimlm.errors import SlimlmError
-from slimlm.inference.decode import COMPILED, Decoder, _reason, decoder_for, onednn_head
+from slimlm.inference.decode import COMPILED, Decoder, decoder_for, error_reason, onednn_head
 from slimlm.inference.generate import (
     Generation,
     GenerationStats,
@@ -159,7 +159,7 @@ class Verifier:
                     self(torch.zeros(1, tokens, dtype=torch.long, device=self.decoder.model.device), cache)
             except Exception as err:  # noqa: BLE001  (inductor fails in many ways: no compiler, unsupported op)
                 self._graph = self._head = None
-                self.note = f"verifying forward not compiled ({_reason(err)})"
+                self.note = f"verifying forward not compiled ({error_reason(err)})"
             done()
         self._lengths.add(tokens)
         self.compile_seconds += time.perf_counter() - start
