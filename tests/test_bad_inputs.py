@@ -231,6 +231,18 @@ def test_stages_lists_every_stage_its_methods_and_defaults(capsys):
     assert "block_influence" in out and "0.5" in out
 
 
+def test_stages_spells_out_union_and_nested_option_types():
+    from slimlm.cli import _allowed
+    from slimlm.quantize.smoothquant import SmoothQuantOptions
+    from slimlm.recover.distill import DistillOptions
+
+    fields = DistillOptions.model_fields
+    assert _allowed(fields["temperature"]) == "float, > 0 | {start, end, schedule}"
+    assert _allowed(fields["loss_mix"]) == "{end, schedule} | null"
+    assert _allowed(fields["on_policy"]) == "float, >= 0, <= 1"
+    assert _allowed(SmoothQuantOptions.model_fields["group_size"]) == "null"
+
+
 def test_rich_markup_in_records_is_printed_as_is():
     from rich.console import Console
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from slimlm.auto.command import auto_command
 from slimlm.errors import SlimlmError
+from slimlm.inference.command import chat_command, generate_command
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Make language models small and fast, honestly.")
 _out = Console()
@@ -168,12 +170,29 @@ def export_command(
 
 def _allowed(field) -> str:
     """What an option accepts, read from its type and bounds; validators may narrow it further."""
-    if typing.get_origin(field.annotation) is typing.Literal:
-        return " | ".join(str(arg) for arg in typing.get_args(field.annotation))
-    text = getattr(field.annotation, "__name__", None) or re.sub(r"(?:\w+\.)+(\w+)", r"\1", str(field.annotation))
+    return _type_text(field.annotation, field.metadata)
+
+
+def _type_text(annotation, metadata=()) -> str:
+    """`float, > 0`; `a | b` for literals and unions (`float, > 0 | {start, end, schedule}`); a nested options model
+    as its field names."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation in (None, type(None)):
+        return "null"
+    if origin is typing.Literal:
+        return " | ".join(str(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(arg) for arg in args if arg is not type(None)) + (
+            " | null" if type(None) in args else ""
+        )
+    if origin is typing.Annotated:
+        return _type_text(args[0], [*metadata, *args[1:]])
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return "{" + ", ".join(annotation.model_fields) + "}"
+    text = getattr(annotation, "__name__", None) or re.sub(r"(?:\w+\.)+(\w+)", r"\1", str(annotation))
     bounds = [
         f"{symbol} {getattr(item, name)}"
-        for item in field.metadata
+        for item in metadata
         for name, symbol in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
         if getattr(item, name, None) is not None
     ]
@@ -250,122 +269,9 @@ def info_command(
         _out.print(table)
 
 
-_MODEL_HELP = "Built-in name, slimlm output folder, HF folder, hub id or .gguf file."
-_COMPILE_HELP = "Decode on the compiled static-cache path (torch.compile; falls back to plain if it fails)."
-
-
-def _sampling(temperature: float, top_p: float, seed: int):
-    from slimlm.inference.generate import Sampling
-
-    return Sampling(temperature=temperature, top_p=top_p, seed=seed)
-
-
-def _load_for_decoding(model: str, dtype: str, allow_pickle: bool, compile: bool):
-    """(loaded model, its decoder); libraries' prints go to stderr."""
-    from slimlm.inference.decode import decoder_for
-    from slimlm.models import load_model
-
-    with contextlib.redirect_stdout(sys.stderr):
-        loaded = load_model(model, dtype, allow_pickle=allow_pickle)
-    return loaded, decoder_for(loaded.model, compile)
-
-
-def _writer(out):
-    """Writes text and shows it at once (a piped stdout is block-buffered)."""
-
-    def write(text: str) -> None:
-        out.write(text)
-        out.flush()
-
-    return write
-
-
-def _speculative(loaded, decoder, drafting: tuple, k: int, prompt_ids, max_new_tokens: int, sampling, on_text):
-    """generate's speculative form; `drafting` is the draft's (loaded model, decoder)."""
-    from slimlm.inference.speculative import check_same_vocabulary, speculative_generate
-
-    draft, draft_decoder = drafting
-    check_same_vocabulary(loaded.model, draft.model, loaded.tokenizer, draft.tokenizer)
-    return speculative_generate(
-        loaded.model, draft.model, loaded.tokenizer, prompt_ids, max_new_tokens, sampling, k, decoder, draft_decoder,
-        on_text,
-    )  # fmt: skip
-
-
-@app.command("generate")
-def generate_command(
-    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
-    prompt: str = typer.Option(..., "--prompt", help="The text to continue (no chat template; see `slimlm chat`)."),
-    max_new_tokens: int = typer.Option(128, "--max-new-tokens", min=1),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
-    seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("float32", "--dtype"),
-    compile: bool = typer.Option(True, "--compile/--no-compile", help=_COMPILE_HELP),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-    as_json: bool = typer.Option(False, "--json", help="Print text and figures as JSON on stdout, nothing else."),
-    draft: str | None = typer.Option(
-        None, "--draft", help="Speculative decoding: a smaller model with the same tokenizer proposes tokens."
-    ),
-    draft_tokens: int = typer.Option(4, "--draft-tokens", min=1, max=64, help="Tokens the draft proposes per round."),
-) -> None:
-    """Continue a prompt: the text alone on stdout, streamed; prefill ms, decode tok/s and the kernel on stderr
-    (with --draft also the draft's acceptance rate and tokens per target forward)."""
-    from slimlm.inference.generate import generate
-
-    sampling = _sampling(temperature, top_p, seed)
-    loaded, decoder = _load_for_decoding(model, dtype, allow_pickle, compile)
-    drafting = _load_for_decoding(draft, dtype, allow_pickle, compile) if draft is not None else None
-    out = sys.stdout
-    prompt_ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
-    on_text = None if as_json else _writer(out)
-    with contextlib.redirect_stdout(sys.stderr):
-        if drafting is None:
-            generation = generate(
-                loaded.model, loaded.tokenizer, prompt_ids, max_new_tokens, sampling, decoder, on_text=on_text
-            )
-        else:
-            generation = _speculative(
-                loaded, decoder, drafting, draft_tokens, prompt_ids, max_new_tokens, sampling, on_text
-            )
-    if as_json:
-        payload = {"model": model, "prompt": prompt, "text": generation.text, "token_ids": generation.token_ids}
-        out.write(json.dumps({**payload, "stats": generation.stats.to_dict()}, indent=2) + "\n")
-        return
-    out.write("\n")
-    out.flush()  # the text before the figures, also when both go to one terminal
-    _one_line(generation.stats.line())
-
-
-@app.command("chat")
-def chat_command(
-    model: str = typer.Option(..., "--model", help=_MODEL_HELP),
-    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Per reply."),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0: greedy."),
-    top_p: float = typer.Option(1.0, "--top-p", min=0.0, max=1.0),
-    seed: int = typer.Option(0, "--seed"),
-    dtype: str = typer.Option("float32", "--dtype"),
-    compile: bool = typer.Option(True, "--compile/--no-compile", help=_COMPILE_HELP),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle"),
-) -> None:
-    """Chat through the model's chat template: history kept, /reset clears it, Ctrl-D leaves; figures on stderr."""
-    from slimlm.inference.chat import ChatSession, chat_loop, user_lines
-
-    sampling = _sampling(temperature, top_p, seed)
-    loaded, decoder = _load_for_decoding(model, dtype, allow_pickle, compile)
-    session = ChatSession(loaded.model, loaded.tokenizer, max_new_tokens, sampling, decoder)
-    interactive = sys.stdin.isatty()
-    if interactive:
-        _one_line(f"chatting with {model}: /reset clears the history, Ctrl-D leaves")
-    write = _writer(sys.stdout)  # taken before stdout is redirected: the replies go to the real stdout
-    with contextlib.redirect_stdout(sys.stderr):
-        generations = chat_loop(session, user_lines(interactive), write, _one_line)
-    rates = [g.stats.decode_tokens_per_s for g in generations if g.stats.decode_tokens_per_s is not None]
-    if rates:
-        _one_line(f"{len(generations)} replies, decode {sum(rates) / len(rates):.1f} tok/s on average")
-
-
-# a command that lives beside its package, its options with its code
+# commands that live beside their packages, their options with their code
+app.command("generate")(generate_command)
+app.command("chat")(chat_command)
 app.command("auto")(auto_command)
 
 
