@@ -105,7 +105,7 @@ def test_a_recipe_without_stages_is_refused_before_anything_runs(capsys, tmp_pat
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model: smollm2-135m\nstages: []\noutput: {tmp_path / 'run'}\n")
     code, out, err = _cli(capsys, "compress", str(recipe))
-    assert code == 1 and _one_error_line(err) == "error: stages: a recipe needs at least one stage"
+    assert code == 1 and _one_error_line(err) == "error: stages: a recipe needs at least one stage, or an export"
     assert not (tmp_path / "run").exists() and out == ""
 
 

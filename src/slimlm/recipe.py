@@ -132,8 +132,10 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
         recipe = Recipe.model_validate({**data, "stages": []})
     except ValidationError as err:
         raise SlimlmError(format_validation_error(err)) from err
-    if not stages:  # a run without stages would report the original as its result; top-level errors come first
-        raise SlimlmError("stages: a recipe needs at least one stage")
+    # a run with neither stages nor export would report the original as its result (with an export, the export is
+    # the compression: slimlm auto's gguf recipes); top-level errors come first
+    if not stages and not recipe.export:
+        raise SlimlmError("stages: a recipe needs at least one stage, or an export")
     recipe.stages = stages
     check_chain(stages)
     if recipe.stream is True:

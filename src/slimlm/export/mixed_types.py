@@ -38,6 +38,8 @@ ALIGNMENT = gguf.GGUF_DEFAULT_ALIGNMENT
 # types llama-quantize makes without an importance matrix, for rows of any multiple of 32 / of 256
 BLOCK32_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL")
 SUPERBLOCK_TYPES = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
+TYPES = BLOCK32_TYPES + SUPERBLOCK_TYPES  # every type a tensor of a type map may take
+BASE_TYPE = "Q8_0"  # the matrices a type map does not name
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.")
 
 
@@ -114,7 +116,7 @@ def write_mixed_gguf(
     source: str | Path,
     path: str | Path,
     types: dict[str, str],
-    base_type: str = "Q8_0",
+    base_type: str = BASE_TYPE,
     removed: frozenset[int] = frozenset(),
     imatrix: str | Path | None = None,
     threads: int = 2,
