@@ -130,3 +130,35 @@ def test_a_static_cache_of_an_uncompiled_length_decodes_plain(tiny_tokenizer):
     decoder = Decoder(model, backend="eager")
     assert decoder.step_path(StaticCache(config=model.config, max_cache_len=64)) == PLAIN
     assert decoder.step_path(DynamicCache(config=model.config)) == PLAIN
+
+
+def test_grouped_decode_attention_equals_transformers_sdpa_with_repeated_heads():
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from slimlm.inference.decode import grouped_decode_attention
+
+    generator = torch.Generator().manual_seed(0)
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=False)
+    key, value = (torch.randn(1, 2, 40, 16, generator=generator) for _ in range(2))
+    mask = torch.zeros(1, 1, 1, 40, dtype=torch.bool)
+    mask[..., :17] = True  # a static cache: the first 17 slots filled
+    for queries in (1, 5):  # a decode step, and a multi-token step (transformers' own function runs)
+        query = torch.randn(1, 6, queries, 16, generator=generator)
+        step_mask = mask.expand(1, 1, queries, 40)
+        ours, _ = grouped_decode_attention(module, query, key, value, step_mask, scaling=0.25)
+        reference, _ = sdpa_attention_forward(module, query, key, value, step_mask, scaling=0.25)
+        assert ours.shape == reference.shape == (1, queries, 6, 16)
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_decoder_attends_with_grouped_heads(tiny_tokenizer):
+    from slimlm.inference.decode import GROUPED_SDPA
+
+    model = varied_model(len(tiny_tokenizer))
+    assert model.config._attn_implementation == "sdpa"
+    Decoder(model, compile=False)
+    assert model.config._attn_implementation == "sdpa"  # the plain path leaves the model as it is
+    Decoder(model)
+    assert model.config._attn_implementation == GROUPED_SDPA

@@ -24,7 +24,6 @@ draft at k 3, 32 tokens per CPU second here against transformers' 24, so this lo
 from __future__ import annotations
 
 import time
-import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ import torch
 from transformers import Cache, StaticCache
 
 from slimlm.errors import SlimlmError
-from slimlm.inference.decode import COMPILED, Decoder, decoder_for, error_reason, onednn_head
+from slimlm.inference.decode import COMPILED, Decoder, compile_graph, decoder_for, error_reason, onednn_head
 from slimlm.inference.generate import (
     Generation,
     GenerationStats,
@@ -122,17 +121,15 @@ class Verifier:
     """The target's verifying forward over k+1 tokens. On a static cache its decoder compiled, it is compiled the
     way decode.py compiles the one-token step (inductor, one graph per length, the model's guards skipped, a dense
     float32 head on oneDNN after the graph): eagerly, a 5-token forward of SmolLM2-135M took 2.4 one-token compiled
-    steps here, mostly Python and the LM head on MKL. Any failure falls back to the eager forward, with a `note`."""
+    steps here, mostly Python and the LM head on MKL (decode.compile_graph). Any failure falls back to the eager
+    forward, with a `note`."""
 
     def __init__(self, decoder: Decoder, backend: str | object = "inductor"):
         self.decoder, self.note, self._graph, self._head = decoder, "", None, None
         self.compile_seconds, self._lengths = 0.0, set()
         if decoder.compiled:
             self._head = onednn_head(decoder.model)
-            options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-            code = all_hidden if self._head is not None else _all_logits_graph
-            function = types.FunctionType(code.__code__.replace(), code.__globals__, code.__name__)  # own recompiles
-            self._graph = torch.compile(function, backend=backend, fullgraph=True, dynamic=False, options=options)
+            self._graph = compile_graph(all_hidden if self._head is not None else _all_logits_graph, backend)
 
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
