@@ -3,19 +3,23 @@ llama.cpp's own `llama-quantize` types, every row scored by the same tool.
 
 Budgets: the file sizes of llama.cpp's Q4_K_M, Q4_0 and Q2_K (its smallest file for this model; its 576-wide rows
 fall back to other types) quantized from slimlm's f32 GGUF of the model, and 70 MB (below anything llama.cpp
-makes). At each budget `slimlm.auto.run.run_auto` searches (sensitivity cache shared by every budget), writes its
-candidates with llama-quantize per-tensor types, and scores them; beside them:
+makes); ``<TYPE>-latency`` (e.g. Q4_0-latency) is a latency budget: llama-bench's decode ms/token of that
+llama.cpp file on this machine. At each budget `slimlm.auto.run.run_auto` searches (sensitivity cache shared by
+every budget), writes its candidates with llama-quantize per-tensor types, and scores them; beside them:
 
 - "uniform T": every Linear and the token embedding at one type T (``llama-quantize --pure``), the best uniform
   mix that fits the budget is the one compared against;
 - "llama.cpp T": llama-quantize's own recipe T (its k-quant mixes), without importance matrix, and with
   ``--imatrix`` also with one from ``llama-imatrix`` on the calibration windows' text.
 
-Scorer for every row: ``llama-perplexity -c 512 --chunks N -t 2`` on WikiText-2 test (wiki.test.raw), KL divergence
-and perplexity against the f32 GGUF's log-probs (``--kl-divergence-base``). The load average is recorded next to
-each run's times. Not measured here (said in the output): task scores (TriviaQA) and decode tokens/s.
+Scorer for every row: ``llama-perplexity -c 512 --chunks N -t T`` on WikiText-2 test (wiki.test.raw), KL divergence
+and perplexity against the f32 GGUF's log-probs (``--kl-divergence-base``); decode speed by ``llama-bench -p 0
+-n 64 -r 5 -t T`` (tok/s mean, ms/token the median repetition; kept in <work>/shared/latency.json with the load
+average). Under a latency budget a row fits when its *measured* ms/token does. ``--decode-only`` times every GGUF
+of the work folder into that cache and stops: run it on a quiet machine first, the search then reuses the figures.
+Not measured here (said in the output): task scores (TriviaQA).
 
-    python benchmarks/auto.py [--chunks 8] [--budgets Q4_K_M,Q4_0,Q2_K,70MB] [--imatrix] [--work DIR]
+    python benchmarks/auto.py [--chunks 8] [--budgets Q4_K_M,Q4_0,Q2_K,70MB,Q4_0-latency] [--imatrix] [--work DIR]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import time
 from pathlib import Path
 
 from common import RESULTS
+from slimlm.auto.latency import decode_figures
 from slimlm.auto.run import AutoSettings, run_auto
 from slimlm.evaluate.machine import machine_info
 from slimlm.export.llamacpp import run_imatrix, run_quantize
@@ -36,15 +41,27 @@ from slimlm.pipeline import write_json_atomic
 LLAMA_SIZES = ("Q4_K_M", "Q4_0", "Q2_K")
 
 
-def budget_bytes(name: str, work: Path) -> tuple[str, int | str]:
-    """A llama.cpp type's file size for this model (quantized from the f32 GGUF), or a size text as given."""
-    if name.upper() not in LLAMA_SIZES:
+def budget_text(name: str, work: Path, threads: int = 2) -> tuple[str, str]:
+    """(label, --budget text): a llama.cpp type's file size for this model (quantized from the f32 GGUF), its
+    decode ms/token for ``<TYPE>-latency``, or a budget text as given."""
+    type_name, latency = name.upper().removesuffix("-LATENCY"), name.upper().endswith("-LATENCY")
+    if type_name not in LLAMA_SIZES:
         return name, name
-    path = work / "llama" / f"{name.upper()}.gguf"
+    path = work / "llama" / f"{type_name}.gguf"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        run_quantize(work / "f32.gguf", path, name.upper())
-    return f"llama.cpp {name.upper()} size", path.stat().st_size
+        run_quantize(work / "f32.gguf", path, type_name)
+    if latency:
+        ms = decode_figures(path, work / "latency.json", threads)["decode_ms_per_token"]
+        return f"llama.cpp {type_name} decode latency", f"{ms:.4f}ms/token"
+    return f"llama.cpp {type_name} size", f"{path.stat().st_size}B"
+
+
+def time_files(work: Path, threads: int = 2) -> None:
+    """Decode speed of every GGUF in the work folder, into its latency cache (the search reuses the figures)."""
+    for path in [work / "f32.gguf", *sorted(work.glob("*/*.gguf"))]:
+        figures = decode_figures(path, work / "latency.json", threads)
+        print(f"{path.relative_to(work)}: {figures['decode_tps']:.1f} tok/s, {figures['decode_ms_per_token']:.3f} ms")
 
 
 def imatrix_rows(work: Path, chunks: int, settings: AutoSettings) -> list[dict]:
@@ -83,11 +100,12 @@ def _export_f32(work: Path) -> None:
         GGUFTarget(loaded.model, loaded.tokenizer, work)
 
 
-def compare(rows: list[dict], budget: int) -> dict:
-    """The best candidate against the best uniform mix and the best llama.cpp row that fit the budget."""
+def compare(rows: list[dict], budget: float, key: str = "bytes") -> dict:
+    """The best candidate against the best uniform mix and the best llama.cpp row whose `key` (bytes, or the
+    measured decode_ms_per_token) fits the budget."""
 
     def best(prefix: str) -> dict | None:
-        fitting = [r for r in rows if r["label"].startswith(prefix) and r["bytes"] <= budget]
+        fitting = [r for r in rows if r["label"].startswith(prefix) and r.get(key) is not None and r[key] <= budget]
         return min(fitting, key=lambda r: r["kld"]) if fitting else None
 
     found = {"searched": best("candidate"), "uniform": best("uniform"), "llama.cpp": best("llama.cpp")}
@@ -96,7 +114,8 @@ def compare(rows: list[dict], budget: int) -> dict:
     for other in ("uniform", "llama.cpp"):
         if searched and found[other]:
             verdict[f"beats_{other.replace('.', '')}"] = searched["kld"] < found[other]["kld"]
-    return {k: (v and {x: v[x] for x in ("label", "bytes", "ppl", "kld")}) for k, v in found.items()} | verdict
+    shown = ("label", "bytes", "ppl", "kld", "decode_tps", "decode_ms_per_token")
+    return {k: (v and {x: v.get(x) for x in shown}) for k, v in found.items()} | verdict
 
 
 def main() -> None:
@@ -109,12 +128,16 @@ def main() -> None:
     parser.add_argument("--exclude", default="", help="comma list of types the search may not use (e.g. Q4_1)")
     parser.add_argument("--tag", default="", help="suffix of the budget keys and output folders (e.g. -no-q4_1)")
     parser.add_argument("--imatrix", action="store_true", help="also llama.cpp types with an importance matrix")
+    parser.add_argument("--decode-only", action="store_true", help="time every GGUF of the work folder, then stop")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (1: timings robust to a busy CPU)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-auto-bench"))
     parser.add_argument("--out", type=Path, default=RESULTS / "auto.json")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"budgets": {}}
     results |= {"machine": machine_info(), "protocol": _protocol(args)}
     _export_f32(args.work / "shared")
+    if args.decode_only:
+        return time_files(args.work / "shared", args.threads)
     for name in args.budgets.split(","):
         settings = AutoSettings(
             model="smollm2-135m",
@@ -127,13 +150,16 @@ def main() -> None:
             baselines=args.llama_types.split(","),
             exclude=[x for x in args.exclude.split(",") if x],
             resume=True,
+            threads=args.threads,
         )
-        label, size = budget_bytes(name, args.work / "shared")
-        settings.budget = f"{size}B" if isinstance(size, int) else size
+        label, settings.budget = budget_text(name, args.work / "shared", args.threads)
         load, started = os.getloadavg()[0], (time.process_time(), time.perf_counter())
         summary = run_auto(settings)
         entry = {
             "budget": label,
+            "budget_text": settings.budget,
+            "budget_resource": summary["budget"]["resource"],
+            "budget_amount": summary["budget"]["amount"],
             "budget_bytes": summary["budget"]["bytes"],
             "search": summary["search"],
             "run_cpu_s": time.process_time() - started[0],
@@ -141,10 +167,12 @@ def main() -> None:
             "loadavg_1min_before": load,
             "loadavg_1min_after": os.getloadavg()[0],
             "spearman_proxy_vs_kld": summary.get("spearman_proxy_vs_kld"),
+            "latency_model": summary.get("latency_model"),
             "rows": [{k: v for k, v in r.items() if k != "formats"} | _mix(r) for r in summary["rows"]],
             "report": str(Path(settings.output) / "report.md"),
+            "protocol": _protocol(args),  # per budget: budgets run on other days may differ (threads)
         }
-        entry["comparison"] = compare(summary["rows"], summary["budget"]["bytes"])
+        entry["comparison"] = compare(summary["rows"], entry["budget_amount"], _fit_key(entry))
         results["budgets"][name + args.tag] = entry
         write_json_atomic(args.out, results)
         _print_budget(name, entry)
@@ -153,10 +181,17 @@ def main() -> None:
         results["imatrix_rows"] = rows
         for entry in results["budgets"].values():
             entry["comparison_imatrix"] = compare(
-                [r for r in entry["rows"] if r["label"].startswith("candidate")] + rows, entry["budget_bytes"]
+                [r for r in entry["rows"] if r["label"].startswith("candidate")] + rows,
+                entry.get("budget_amount", entry["budget_bytes"]),
+                _fit_key(entry),
             )
         write_json_atomic(args.out, results)
     _print_summary(results)
+
+
+def _fit_key(entry: dict) -> str:
+    """What a row must keep within the budget: its bytes, or its measured decode ms/token."""
+    return "decode_ms_per_token" if entry.get("budget_resource") == "ms_per_token" else "bytes"
 
 
 def _mix(row: dict) -> dict:
@@ -171,35 +206,47 @@ def _mix(row: dict) -> dict:
 
 def _protocol(args) -> dict:
     return {
-        "scorer": f"llama-perplexity -c 512 --chunks {args.chunks} -t 2 on wiki.test.raw; --kl-divergence against "
-        "the f32 GGUF's --kl-divergence-base",
+        "scorer": f"llama-perplexity -c 512 --chunks {args.chunks} -t {args.threads} on wiki.test.raw; "
+        "--kl-divergence against the f32 GGUF's --kl-divergence-base",
         "search": "slimlm auto --target gguf: sensitivity on 2 x 256 c4 tokens (seed 0), KL of each Linear at Q4_0 "
         "carried to its other types by output error; multiple-choice knapsack; layer removal up to "
         f"{args.max_removed} layers; {args.candidates} candidates verified",
-        "not_measured": "task scores (TriviaQA) and decode tok/s",
+        "decode": f"llama-bench -p 0 -n 64 -r 5 -t {args.threads}: tok/s mean ± sd, ms/token the median repetition, "
+        "load average recorded per file; predicted ms/token: Σ matrix params × a rate per type fitted on the f32 "
+        "and uniform files",
+        "not_measured": "task scores (TriviaQA)",
         "pid": os.getpid(),
     }
 
 
 def _print_budget(name: str, entry: dict) -> None:
-    print(f"\n## budget {name}: {entry['budget_bytes']} bytes (load {entry['loadavg_1min_before']:.1f})")
-    print(f"{'row':32s} {'bytes':>11s} {'ppl':>8s} {'KLD':>8s} {'proxy':>8s}")
+    print(f"\n## budget {name}: {entry.get('budget_text')} (load {entry['loadavg_1min_before']:.1f})")
+    print(f"{'row':32s} {'bytes':>11s} {'ppl':>8s} {'KLD':>8s} {'proxy':>8s} {'tok/s':>7s} {'ms/tok':>7s} {'pred':>6s}")
     for r in entry["rows"]:
         proxy = f"{r['proxy_kl']:.4f}" if r.get("proxy_kl") is not None else "—"
-        print(f"{r['label']:32s} {r['bytes']:>11d} {r['ppl']:>8.3f} {r['kld']:>8.4f} {proxy:>8s}")
+        speed = " ".join(
+            f"{r[k]:>{w}.{d}f}" if r.get(k) is not None else f"{'—':>{w}s}"
+            for k, w, d in (("decode_tps", 7, 1), ("decode_ms_per_token", 7, 2), ("predicted_ms_per_token", 6, 2))
+        )
+        print(f"{r['label']:32s} {r['bytes']:>11d} {r['ppl']:>8.3f} {r['kld']:>8.4f} {proxy:>8s} {speed}")
 
 
 def _print_summary(results: dict) -> None:
-    print("\n| budget | bytes | searched (ppl / KLD) | best uniform ≤ budget | best llama.cpp ≤ budget | search s |")
+    print(
+        "\n| budget | limit | searched: ppl / KLD, tok/s | best uniform ≤ budget | best llama.cpp ≤ budget | search s |"
+    )
     print("|---|---|---|---|---|---|")
     for name, e in results["budgets"].items():
         c = e["comparison"]
 
         def cell(row):
-            return "none fits" if not row else f"{row['label']}: {row['ppl']:.3f} / {row['kld']:.4f}"
+            if not row:
+                return "none fits"
+            speed = f", {row['decode_tps']:.0f} tok/s" if row.get("decode_tps") else ""
+            return f"{row['label']}: {row['ppl']:.3f} / {row['kld']:.4f}{speed}"
 
         print(
-            f"| {name} | {e['budget_bytes']} | {cell(c['searched'])} | {cell(c['uniform'])} | "
+            f"| {name} | {e.get('budget_text', e['budget_bytes'])} | {cell(c['searched'])} | {cell(c['uniform'])} | "
             f"{cell(c['llama.cpp'])} | {e['search']['wall_s']:.0f} |"
         )
 

@@ -27,3 +27,19 @@ def test_best_candidate_is_the_lowest_measured_kl_not_the_lowest_proxy():
 
 def test_pareto_plot_is_a_png():
     assert pareto_png(_rows(), budget=90, title="t")[:4] == b"\x89PNG"
+
+
+def test_timed_rows_get_a_latency_panel_and_their_speed_in_the_table():
+    from slimlm.auto.report import _table
+
+    rows = _rows()
+    for k, row in enumerate(rows):
+        row |= {"decode_tps": 300.0 - 10 * k, "decode_tps_sd": 2.0, "decode_ms_per_token": 1000 / (300 - 10 * k)}
+        row |= {"predicted_ms_per_token": 3.5}
+    untimed = pareto_png(_rows(), budget=90, title="t")
+    timed = pareto_png(rows, budget=None, title="t", latency_budget=3.4)
+    width = lambda png: int.from_bytes(png[16:20], "big")  # noqa: E731  (the PNG header's IHDR width)
+    assert timed[:4] == b"\x89PNG" and width(timed) > 1.5 * width(untimed)  # a second panel beside the first
+    line = next(x for x in _table(rows) if x.startswith("| candidate 1 |"))
+    assert "| 300.0 ± 2.0 | 3.33 (3.50) |" in line
+    assert "| — | — |" in next(x for x in _table(_rows()) if x.startswith("| candidate 1 |"))

@@ -63,6 +63,10 @@ def test_a_budget_below_the_smallest_output_is_one_line(tiny_model_dir, tmp_path
         (["--budget", "lots"], "error: --budget 'lots': not understood"),
         (["--budget", "70MB", "--target", "onnx"], "error: --target 'onnx': not one of gguf, slimlm"),
         (["--budget", "70MB", "--recover", "1000"], "error: --recover: distillation after the search is not built"),
+        (
+            ["--budget", "5ms/token", "--target", "slimlm"],
+            "error: --budget '5ms/token': latency budgets are searched for --target gguf only",
+        ),
     ],
 )
 def test_cli_refuses_bad_values_in_one_line(args, expected):

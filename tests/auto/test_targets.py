@@ -4,7 +4,7 @@ removal picks the cheap layers and fits the budget."""
 import pytest
 
 from conftest import run_stage
-from slimlm.auto.allocate import allocate, uniform_solution
+from slimlm.auto.allocate import allocate, size_resource, uniform_solution
 from slimlm.auto.sensitivity import Costs, Item, Option
 from slimlm.auto.slimlm_target import SlimlmTarget
 from slimlm.evaluate.footprint import size_on_disk
@@ -62,15 +62,16 @@ def _synthetic_costs():
 
 def test_allocation_removes_the_cheapest_layer_when_that_beats_smaller_formats():
     costs = _synthetic_costs()
-    fixed = lambda removed: 2  # noqa: E731
-    best = allocate(costs, budget=2 + 20, fixed_bytes=fixed, max_removed=2, count=3)[0]
+    sizes = size_resource(costs, lambda removed: 2)
+    best = allocate(costs, budget=2 + 20, limit=sizes, max_removed=2, count=3)[0]
     assert best.removed == (1,) and best.bytes <= 22
     assert best.proxy == pytest.approx(0.1)
-    no_removal = allocate(costs, budget=22, fixed_bytes=fixed, max_removed=0, count=1)[0]
+    no_removal = allocate(costs, budget=22, limit=sizes, max_removed=0, count=1)[0]
     assert no_removal.removed == () and no_removal.proxy == pytest.approx(2.0)
 
 
 def test_uniform_solution_prices_every_item_at_one_format():
-    solution = uniform_solution(_synthetic_costs(), "small", fixed=2)
+    costs = _synthetic_costs()
+    solution = uniform_solution(costs, "small", [size_resource(costs, lambda removed: 2)])
     assert (solution.bytes, solution.proxy) == (14, 3.0)
-    assert uniform_solution(_synthetic_costs(), "missing", fixed=2) is None
+    assert uniform_solution(costs, "missing", [size_resource(costs, lambda removed: 2)]) is None

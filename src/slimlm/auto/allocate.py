@@ -1,19 +1,34 @@
-"""From measured costs to candidate solutions: formats per item and decoder layers removed, under a byte budget.
+"""From measured costs to candidate solutions: formats per item and decoder layers removed, under a budget.
 
-The formats are a multiple-choice knapsack (knapsack.py). Removing decoder layers couples with it (a removed
-layer's Linears take no bytes whatever their format), so it is an outer loop: for r = 0, 1, ... `max_removed`,
-the r layers whose removal costs least (measured one by one, summed as if additive) go, the knapsack allocates the
-rest of the budget over the remaining items, and the solution's proxy cost is the removal cost plus the formats'.
-The best `count` solutions over every r (each at a few budgets just under the limit) are the candidates.
+The budget limits one `Resource`: the output's bytes, or its predicted decode ms/token (latency.py). Each
+resource is an amount per (item, option) plus what the output takes besides the items, given the layers removed.
+The formats are a multiple-choice knapsack (knapsack.py) over the limited resource. Removing decoder layers
+couples with it (a removed layer's Linears take nothing whatever their format), so it is an outer loop: for
+r = 0, 1, ... `max_removed`, the r layers whose removal costs least (measured one by one, summed as if additive)
+go, the knapsack allocates the rest of the budget over the remaining items, and the solution's proxy cost is the
+removal cost plus the formats'. The best `count` solutions over every r (each at a few budgets just under the
+limit) are the candidates; every solution carries its predicted amount of every resource given.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 from slimlm.auto import knapsack
 from slimlm.auto.sensitivity import Costs
+
+
+@dataclass
+class Resource:
+    name: str  # "bytes", "ms_per_token": the key of the solution's prediction
+    amounts: list[list[float]]  # amounts[i][j]: what costs.items[i]'s option j takes
+    fixed: Callable[[frozenset[int]], float]  # removed layers -> what the output takes besides the items
+    resolution: float = 1.0  # the smallest amount worth telling apart (the knapsack's finest unit)
+
+
+def size_resource(costs: Costs, fixed_bytes: Callable[[frozenset[int]], int]) -> Resource:
+    return Resource("bytes", [item.sizes for item in costs.items], fixed_bytes)
 
 
 @dataclass
@@ -21,43 +36,53 @@ class Solution:
     formats: dict[str, str]  # item name -> option name
     removed: tuple[int, ...]  # decoder layers removed
     proxy: float  # Σ costs: the predicted KL
-    bytes: int  # the predicted size of the output
+    predicted: dict[str, float] = field(default_factory=dict)  # resource name -> predicted amount
+
+    @property
+    def bytes(self) -> int:
+        return int(self.predicted["bytes"])
 
 
 def allocate(
     costs: Costs,
-    budget: int,
-    fixed_bytes: Callable[[frozenset[int]], int],
+    budget: float,
+    limit: Resource,
     max_removed: int = 0,
     count: int = 4,
+    also: Sequence[Resource] = (),
 ) -> list[Solution]:
-    """The `count` solutions of least proxy cost that fit `budget` bytes; fixed_bytes(removed) is what the output
-    takes besides the items (header, norms) with those layers removed."""
+    """The `count` solutions of least proxy cost whose `limit` resource fits `budget`; `also`: other resources
+    whose predicted amounts the solutions carry (the size, under a latency budget)."""
     order = sorted(costs.removal, key=costs.removal.get)
     found: list[Solution] = []
     for r in range(min(max_removed, len(order)) + 1):
         removed = frozenset(order[:r])
         kept = [i for i, item in enumerate(costs.items) if item.layer not in removed]
         item_costs = [costs.costs[i] for i in kept]
-        sizes = [costs.items[i].sizes for i in kept]
-        room = budget - fixed_bytes(removed)
+        amounts = [limit.amounts[i] for i in kept]
+        room = budget - limit.fixed(removed)
         removal_cost = sum(costs.removal[layer] for layer in removed)
-        for choice in knapsack.candidates(item_costs, sizes, room, count=count):
-            formats = {costs.items[i].name: costs.items[i].options[j].name for i, j in zip(kept, choice, strict=True)}
-            used = knapsack.total(sizes, choice) + fixed_bytes(removed)
+        for choice in knapsack.candidates(item_costs, amounts, room, count=count, resolution=limit.resolution):
+            picked = dict(zip(kept, choice, strict=True))
+            formats = {costs.items[i].name: costs.items[i].options[j].name for i, j in picked.items()}
             proxy = removal_cost + knapsack.total(item_costs, choice)
-            found.append(Solution(formats, tuple(sorted(removed)), proxy, int(used)))
+            found.append(Solution(formats, tuple(sorted(removed)), proxy, _predicted([limit, *also], picked, removed)))
     found.sort(key=lambda s: s.proxy)
     return found[:count]
 
 
-def uniform_solution(costs: Costs, option: str, fixed: int) -> Solution | None:
-    """Every item at `option` (None if some item lacks it): the uniform recipe's proxy, for comparison."""
-    formats, proxy, size = {}, 0.0, fixed
-    for item, row in zip(costs.items, costs.costs, strict=True):
+def _predicted(resources: Sequence[Resource], picked: dict[int, int], removed: frozenset[int]) -> dict[str, float]:
+    return {r.name: r.fixed(removed) + sum(r.amounts[i][j] for i, j in picked.items()) for r in resources}
+
+
+def uniform_solution(costs: Costs, option: str, resources: Sequence[Resource]) -> Solution | None:
+    """Every item at `option` (None if some item lacks it): the uniform recipe's proxy and amounts, for comparison."""
+    picked = {}
+    for index, item in enumerate(costs.items):
         names = [o.name for o in item.options]
         if option not in names:
             return None
-        j = names.index(option)
-        formats[item.name], proxy, size = option, proxy + row[j], size + item.options[j].bytes
-    return Solution(formats, (), proxy, size)
+        picked[index] = names.index(option)
+    proxy = sum(costs.costs[i][j] for i, j in picked.items())
+    formats = {costs.items[i].name: option for i in picked}
+    return Solution(formats, (), proxy, _predicted(resources, picked, frozenset()))

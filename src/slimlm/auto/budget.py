@@ -4,6 +4,7 @@
 Sizes are of the output the target produces: the GGUF file for ``--target gguf``, the weight files of the slimlm
 folder for ``--target slimlm``. Bits per weight are that size × 8 over the model's parameter count (the tied
 embedding counted once), so a bpw budget becomes a size budget once the model is known (`Budget.bytes`).
+A latency is llama.cpp's decode ms/token on this machine (``--target gguf`` only; latency.py predicts it).
 """
 
 from __future__ import annotations
@@ -27,16 +28,30 @@ class Budget:
     value: float
     text: str
 
+    @property
+    def resource(self) -> str:
+        """What the budget limits: "bytes" (size and bpw budgets) or "ms_per_token" (latency budgets)."""
+        return "ms_per_token" if self.kind == "latency" else "bytes"
+
     def bytes(self, parameters: int) -> int:
         """The size budget in bytes for a model of `parameters` weights (size and bpw budgets)."""
         if self.kind == "size":
             return int(self.value)
         if self.kind == "bpw":
             return int(self.value * parameters / 8)
-        raise SlimlmError(
-            f"--budget {self.text}: latency budgets are not searched yet; give a file size (70MB) or bits per "
-            "weight (3.5bpw)"
-        )
+        raise SlimlmError(f"--budget {self.text!r}: a decode latency, not a size")
+
+    def amount(self, parameters: int) -> float:
+        """The budget in its resource's unit: bytes, or milliseconds per decoded token."""
+        return self.value if self.kind == "latency" else self.bytes(parameters)
+
+    def check_target(self, target: str) -> None:
+        """Latency budgets need the target's runtime measured and modelled: llama.cpp's only, so far."""
+        if self.kind == "latency" and target != "gguf":
+            raise SlimlmError(
+                f"--budget {self.text!r}: latency budgets are searched for --target gguf only (llama.cpp's decode); "
+                f"give --target {target} a file size (70MB) or bits per weight (3.5bpw)"
+            )
 
 
 def parse_budget(text: str) -> Budget:

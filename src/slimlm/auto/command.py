@@ -7,7 +7,11 @@ import typer
 
 def auto_command(
     model: str = typer.Option(..., "--model", help="Model to compress: 'smollm2-135m', a folder or a hub id."),
-    budget: str = typer.Option(..., "--budget", help="A file size (70MB, 88.2MiB) or bits per weight (3.5bpw)."),
+    budget: str = typer.Option(
+        ...,
+        "--budget",
+        help="A file size (70MB, 88.2MiB), bits per weight (3.5bpw) or, for gguf, a decode latency (5ms/token).",
+    ),
     target: str = typer.Option("gguf", "--target", help="gguf (llama.cpp types per tensor) or slimlm (a recipe)."),
     output: str = typer.Option("runs/auto", "--output", help="Folder for the report, the model and the recipe."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --output (same settings)."),
@@ -20,6 +24,7 @@ def auto_command(
         "", "--baselines", help="Comma list: llama.cpp types (gguf) or uniform formats like w4g64 (slimlm) to score."
     ),
     exclude: str = typer.Option("", "--exclude", help="Comma list of formats the search may not use (Q4_1, w2g64)."),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="gguf: time every row's decode with llama-bench."),
     recover: int | None = typer.Option(None, "--recover", help="Not built yet: distillation after compression."),
 ) -> None:
     """Find the best compression of MODEL for a budget: sensitivity, allocation, candidates verified by evaluation,
@@ -35,7 +40,7 @@ def auto_command(
     from slimlm.auto.budget import parse_budget
     from slimlm.auto.run import AutoSettings, run_auto
 
-    parse_budget(budget)  # a bad budget fails before any model loads
+    parse_budget(budget).check_target(target)  # a bad budget fails before any model loads
     settings = AutoSettings(
         model=model,
         budget=budget,
@@ -49,10 +54,12 @@ def auto_command(
         eval_chunks=eval_chunks,
         baselines=[b.strip() for b in baselines.split(",") if b.strip()],
         exclude=[x.strip() for x in exclude.split(",") if x.strip()],
+        decode=decode,
     )
     summary = run_auto(settings)
     best = next(r for r in summary["rows"] if r["label"] == summary["best"])
+    speed = f", {best['decode_ms_per_token']:.2f} ms/token" if best.get("decode_ms_per_token") else ""
     typer.echo(
-        f"{summary['best']}: {best['bytes']} bytes (budget {summary['budget']['bytes']}), ppl {best['ppl']:.3f}; "
-        f"report {output}/report.md"
+        f"{summary['best']}: {best['bytes']} bytes{speed} (budget {summary['budget']['text']}), "
+        f"ppl {best['ppl']:.3f}; report {output}/report.md"
     )

@@ -7,18 +7,22 @@
   llama.cpp's own rounding.
 - Sizes are exact (mixed_types.gguf_file_bytes); candidates are scored by ``llama-perplexity`` on WikiText-2 test
   (ppl, and KL divergence against the f32 file's log-probs), as the llama.cpp baselines are.
+- Decode latency is llama-bench's, on the files themselves; the latency model (latency.py) is fitted on the f32
+  and uniform files and prices each (item, type) for latency budgets.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
+from slimlm.auto.latency import LatencyModel, cached_figures, decode_figures, matrix_params
 from slimlm.auto.sensitivity import Item, Option
+from slimlm.errors import SlimlmError
 from slimlm.export import mixed_types as mixed
 from slimlm.export.llamacpp import run_perplexity, run_quantize
 from slimlm.modules import named_decoder_linears
-from slimlm.pipeline import write_json_atomic
+from slimlm.progress import progress_bar
 
 REFERENCE_TYPE = "Q4_0"  # the option whose KL is measured for every Linear
 EMBEDDING_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL")
@@ -37,6 +41,7 @@ class GGUFTarget:
             export_gguf(model, tokenizer, self.f32, dtype="f32")
         self.layout = mixed.SourceLayout.read(self.f32)
         self._weights: dict[str, mixed.GGUFWeights] = {}
+        self._latency: LatencyModel | None = None
 
     def uniform(self, type_name: str) -> mixed.GGUFWeights:
         """Every tensor llama-quantize --pure can make `type_name` of, read lazily."""
@@ -97,23 +102,64 @@ class GGUFTarget:
 
     def llama_type(self, type_name: str, path: Path) -> Path:
         """llama.cpp's own recipe `type_name` (Q4_K_M, Q2_K, ...) of the f32 file: the baselines."""
-        if not path.is_file():
-            run_quantize(self.f32, path, type_name, threads=self.threads)
+        if not path.is_file():  # written beside, then renamed: a killed run leaves no half file to reuse
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            run_quantize(self.f32, temporary, type_name, threads=self.threads)
+            os.replace(temporary, path)
         return path
 
     def score(self, path: Path, text: Path, chunks: int) -> dict:
         """llama-perplexity ppl and KL divergence to the f32 file on the first `chunks` chunks of 512 tokens;
         kept in <work>/scores.json by file (path, size, mtime) and chunks, so shared baselines are scored once."""
-        scores_path = self.work / "scores.json"
-        scores = json.loads(scores_path.read_text()) if scores_path.is_file() else {}
-        stat = path.stat()
-        key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{chunks}"
-        if key not in scores:
+
+        def measure() -> dict:
             base = self.work / f"f32-base-{chunks}.kld"
             if not base.is_file():
-                run_perplexity(self.f32, text, chunks=chunks, threads=self.threads, save_kld_base=base)
-            result = run_perplexity(path, None, chunks=chunks, threads=self.threads, kld_base=base)
+                _retrying(
+                    lambda: run_perplexity(self.f32, text, chunks=chunks, threads=self.threads, save_kld_base=base)
+                )
+            result = _retrying(lambda: run_perplexity(path, None, chunks=chunks, threads=self.threads, kld_base=base))
             keys = ("ppl", "ppl_err", "kld", "kld_err", "same_top_p", "chunks", "n_ctx")
-            scores[key] = {k: result[k] for k in keys} | {"bytes": stat.st_size, "command": result["command"]}
-            write_json_atomic(scores_path, scores)
-        return scores[key]
+            return {k: result[k] for k in keys} | {"bytes": path.stat().st_size, "command": result["command"]}
+
+        # the key's old form (no settings suffix) kept: the scores of earlier runs stay valid
+        return cached_figures(self.work / "scores.json", path, str(chunks), measure)
+
+    def decode(self, path: Path) -> dict:
+        """llama-bench's decode speed of `path` (latency.decode_figures, kept in <work>/latency.json) and the
+        latency model's prediction for it."""
+        figures = decode_figures(path, self.work / "latency.json", self.threads)
+        predicted = self.latency_model().predict(matrix_params(path))
+        return figures | {"predicted_ms_per_token": predicted}
+
+    def latency_model(self) -> LatencyModel:
+        """Rates per type fitted on the f32 file and the uniform file of every type the items use."""
+        if self._latency is None:
+            files = [self.f32] + [self.work / "uniform" / f"{t}.gguf" for t in sorted(self._weights)]
+            with progress_bar("auto: decode latency", total=len(files)) as advance:
+                measured = {}
+                for path in files:
+                    measured[str(path)] = decode_figures(path, self.work / "latency.json", self.threads)[
+                        "decode_ms_per_token"
+                    ]
+                    advance(description=f"auto: decode latency ({path.name})")
+            self._latency = LatencyModel.fit(measured, {f: matrix_params(Path(f)) for f in measured})
+        return self._latency
+
+    def item_latency(self, item: Item) -> list[float]:
+        """Predicted ms/token of each of the item's options (its matrices' parameters at the option's rate)."""
+        params = self.model.get_submodule(item.name).weight.numel()
+        return [self.latency_model().item_ms(params, o.name) for o in item.options]
+
+
+def _retrying(call, attempts: int = 3):
+    """llama-perplexity now and then exits 0 having printed nothing after "computing over N chunks" (seen on tiny
+    models, ~1 run in 5 on a busy machine: its last log lines lost at exit); such a run is run again."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except SlimlmError as err:
+            if "printed no" not in str(err) or attempt == attempts - 1:
+                raise
+    raise AssertionError("unreachable")

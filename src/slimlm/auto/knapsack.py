@@ -1,8 +1,9 @@
-"""Allocating formats under a size budget: the multiple-choice knapsack, solved exactly on a discretised budget.
+"""Allocating formats under a budget: the multiple-choice knapsack, solved exactly on a discretised budget.
 
 Every item (a Linear, or a group of Linears that must share a format) takes exactly one of its options; option j
 of item i costs c_ij (a proxy for the quality it loses: KL to the original, summed as if the items' errors added
-up) and takes s_ij bytes. `solve` picks one option per item minimising Σ c subject to Σ s ≤ budget.
+up) and takes s_ij of the budgeted resource (bytes of the output, or predicted ms/token of decoding). `solve`
+picks one option per item minimising Σ c subject to Σ s ≤ budget.
 
 How ModelOpt's ``auto_quantize`` allocates (modelopt/torch/quantization/algorithms.py, read through its docs and
 source): it scores every (layer group, recipe) pair once — by default Σ (∂L/∂Y)² (ΔY)², the Fisher-weighted output
@@ -11,8 +12,9 @@ quantized — then treats the scores as additive and picks one recipe per group 
 constraint, with a linear-programming solver for the gradient scores and a threshold (Lagrange multiplier)
 binary search for the KL scores. `solve` is the same problem with the same additivity assumption, solved by
 dynamic programming instead: the sizes above each item's smallest option are rounded *up* to units of
-(budget − Σ smallest) / `steps` bytes, so every returned choice fits the real budget, and the result is exactly
-optimal whenever the sizes are integers and a unit is one byte (small instances; tests compare with brute force).
+(budget − Σ smallest) / `steps`, at least `resolution` (the resource's smallest meaningful amount: one byte), so
+every returned choice fits the real budget, and the result is exactly optimal whenever the sizes are multiples of
+`resolution` and a unit is one `resolution` (small instances; tests compare with brute force).
 
 `candidates` returns the best choices at a few slightly smaller budgets too: the proxy is only a proxy, so the
 caller verifies several neighbours by real evaluation rather than trusting the single optimum.
@@ -27,7 +29,11 @@ import numpy as np
 
 
 def solve(
-    costs: Sequence[Sequence[float]], sizes: Sequence[Sequence[float]], budget: float, steps: int = 20_000
+    costs: Sequence[Sequence[float]],
+    sizes: Sequence[Sequence[float]],
+    budget: float,
+    steps: int = 20_000,
+    resolution: float = 1.0,
 ) -> list[int] | None:
     """The option index of every item minimising Σ cost with Σ size ≤ budget, or None when even the smallest
     options exceed it. costs[i][j], sizes[i][j]: item i's option j (any number of options per item)."""
@@ -38,9 +44,9 @@ def solve(
     room = budget - sum(smallest)
     if room < 0:
         return None
-    unit = max(1.0, room / steps)
+    unit = max(resolution, room / steps)
     width = int(room // unit)
-    # extra bytes above the item's smallest option, in units, rounded up so that any chosen set fits the budget
+    # extra amount above the item's smallest option, in units, rounded up so that any chosen set fits the budget
     weights = [np.ceil((s - low) / unit - 1e-9).astype(np.int64) for s, low in zip(sizes, smallest, strict=True)]
     best = np.zeros(width + 1)  # best[w]: least cost of the items so far using at most w units
     picks = np.zeros((len(costs), width + 1), dtype=np.int32)
@@ -94,6 +100,7 @@ def candidates(
     count: int = 3,
     slack: float = 0.01,
     steps: int = 20_000,
+    resolution: float = 1.0,
 ) -> list[list[int]]:
     """Up to `count` distinct choices: the optimum at the budget, then at budgets `slack`, 2·`slack`, ... smaller
     (each one fits the budget; distinct ones only, at most 2·count + 2 tries)."""
@@ -101,7 +108,7 @@ def candidates(
     for k in range(2 * count + 2):
         if len(found) == count:
             break
-        choice = solve(costs, sizes, budget * (1 - k * slack), steps)
+        choice = solve(costs, sizes, budget * (1 - k * slack), steps, resolution)
         if choice is None:
             break
         if choice not in found:

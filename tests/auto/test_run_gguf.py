@@ -1,0 +1,76 @@
+"""`slimlm auto --target gguf` end to end on a tiny model with llama.cpp's tools: a size budget gives every row
+llama-bench's decode speed and the latency model's prediction; a latency budget (ms/token) is searched with the
+same knapsack, its candidates predicted within it, the report showing both Pareto panels."""
+
+import pytest
+
+from conftest import write_documents
+from slimlm.auto.run import AutoSettings, run_auto
+from slimlm.errors import SlimlmError
+
+
+@pytest.fixture(scope="module")
+def llama_tools():
+    from slimlm.export.llamacpp import llama_cpp_bin
+
+    try:
+        return llama_cpp_bin()
+    except SlimlmError as err:
+        pytest.skip(f"llama.cpp's tools are not available: {err}")
+
+
+@pytest.fixture()
+def work(tiny_model_dir, tmp_path, llama_tools):
+    """The f32 GGUF the search starts from, written with the tiny tokenizer's pre-tokenizer named."""
+    from slimlm.export.gguf import export_gguf
+    from slimlm.models import load_model
+
+    loaded = load_model(str(tiny_model_dir))
+    folder = tmp_path / "work"
+    folder.mkdir()
+    export_gguf(loaded.model, loaded.tokenizer, folder / "f32.gguf", dtype="f32", pre="gpt-2")
+    return folder
+
+
+def _settings(model_dir, tmp_path, work, budget, name):
+    return AutoSettings(
+        model=str(model_dir),
+        budget=budget,
+        target="gguf",
+        output=str(tmp_path / name),
+        candidates=2,
+        max_removed=1,
+        calib_data=write_documents(tmp_path),
+        calib_samples=2,
+        calib_seq_len=16,
+        eval_chunks=2,  # llama-perplexity saving KL base logits prints no estimate for 1 chunk
+        baselines=["Q8_0"],
+        work=str(work),
+        threads=1,  # a 2-thread llama-bench of a tiny model on a busy 2-core machine can take minutes
+    )
+
+
+@pytest.mark.builtin  # not the built-in model, but slow (~40 s): WikiText-2 from the shared data, llama.cpp per row
+def test_latency_budget_end_to_end(tiny_model_dir, tmp_path, work):
+    sized = run_auto(_settings(tiny_model_dir, tmp_path, work, "1GB", "size"))
+    for row in sized["rows"]:
+        assert row["decode_tps"] > 0 and row["decode_ms_per_token"] > 0, row["label"]
+        assert row["predicted_ms_per_token"] > 0, row["label"]
+    uniform = [r["predicted_ms_per_token"] for r in sized["rows"] if r["label"].startswith("uniform")]
+    budget = (min(uniform) + max(uniform)) / 2
+
+    summary = run_auto(_settings(tiny_model_dir, tmp_path, work, f"{budget:.6f}ms/token", "latency"))
+    assert summary["budget"]["resource"] == "ms_per_token" and summary["budget"]["bytes"] is None
+    candidates = [r for r in summary["rows"] if r["label"].startswith("candidate")]
+    assert candidates
+    for row in candidates:
+        assert row["predicted_ms_per_token"] <= budget + 1e-6
+        assert row["decode_tps"] > 0 and row["bytes"] == row["predicted_bytes"]
+    assert summary["latency_model"]["agreement_candidates"]["rows"] == len(candidates)
+    out = tmp_path / "latency"
+    report = (out / "report.md").read_text()
+    assert "Latency model" in report and "decode tok/s" in report
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    with pytest.raises(SlimlmError, match="ms/token is below the smallest gguf output"):
+        run_auto(_settings(tiny_model_dir, tmp_path, work, "0.000001ms/token", "tiny"))
