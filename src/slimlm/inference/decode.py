@@ -74,7 +74,17 @@ GROUPED_SDPA = "slimlm_grouped_sdpa"
 # average; decode W4 + W8 head 110 -> 136 tok/s, float32 29 -> 51). The cost: a longer first compile (~60 s here,
 # cached on disk for later processes) and, for dense float32 Linears, a second copy of their weights in oneDNN's
 # layout (SmolLM2 float32: peak RSS 1.3 -> 2.5 GB); packed modules are not copied.
+# Set as inductor's configuration while the graph compiles and first runs (`inductor_settings`), not as
+# torch.compile options: given as options, the templates measured ~25 % slower here (1 thread: 113 against 129-150
+# tok/s), apparently because part of the autotuning runs after the options' scope has closed.
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True}
+
+
+def inductor_settings(tuned: bool = True):
+    """The context in which the decode graphs are compiled and warmed up (INDUCTOR_OPTIONS; none if not `tuned`)."""
+    import torch._inductor.config
+
+    return torch._inductor.config.patch(INDUCTOR_OPTIONS if tuned else {})
 
 
 def grouped_decode_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -114,12 +124,22 @@ def _own_copy(function):
     return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__)
 
 
+def unfreezable(cache: Cache) -> None:
+    """Clear the static-address marks transformers puts on a static cache's tensors when it fills them first (for
+    CUDA graphs): freezing takes marked inputs for parameters and folds them into the graph as constants, so every
+    step would read the cache as it was when compiled. Call it after the first (eager) update, before compiled steps.
+    """
+    for layer in getattr(cache, "layers", ()):
+        for value in vars(layer).values():
+            if isinstance(value, torch.Tensor) and hasattr(value, "_dynamo_static_input_type"):
+                del value._dynamo_static_input_type
+
+
 def compile_graph(function, backend: str | object = "inductor"):
     """`function` (model, input ids, static cache) -> ... compiled as the decode paths compile: a whole graph with no
-    dynamic shapes, the model's module guards skipped, inductor's INDUCTOR_OPTIONS; a code object of its own."""
+    dynamic shapes, the model's module guards skipped, a code object of its own; its first calls belong inside
+    `inductor_settings()`."""
     options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
-    if backend == "inductor":
-        options |= INDUCTOR_OPTIONS
     return torch.compile(_own_copy(function), backend=backend, fullgraph=True, dynamic=False, options=options)
 
 
@@ -140,7 +160,8 @@ class Decoder:
         # a weak reference: the process's decoders are kept per model (decoder_for) and must not keep models alive
         self._model = weakref.ref(model)
         self.path = COMPILED if compile else PLAIN
-        self.note = ""  # why the plain path runs although compiling was asked for
+        self.note = ""  # why the plain path runs although compiling was asked for (or compiles untuned)
+        self.tuned = True  # compiled with INDUCTOR_OPTIONS (False once they failed for this model)
         self.compile_seconds = 0.0  # spent compiling in this process, all buckets together
         self._compiled_lengths: set[int] = set()
         self._static_caches: weakref.WeakSet = weakref.WeakSet()  # made by new_cache: the ones the graphs fit
@@ -149,6 +170,7 @@ class Decoder:
             if model.config._attn_implementation == "sdpa":
                 model.set_attn_implementation(GROUPED_SDPA)
             self._head = onednn_head(model)
+            self._backend = backend
             self._graph = compile_graph(last_logits if self._head is None else last_hidden, backend)
 
     @property
@@ -191,7 +213,10 @@ class Decoder:
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
         """Logits after the prompt (eager: one graph per prompt length would cost more than it saves)."""
-        return last_logits(self.model, input_ids, cache)
+        logits = last_logits(self.model, input_ids, cache)
+        if self.step_path(cache) == COMPILED:
+            unfreezable(cache)
+        return logits
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor, cache: Cache) -> torch.Tensor:
@@ -217,7 +242,7 @@ class Decoder:
         start = time.perf_counter()
         with progress_bar(f"compiling the decode step (torch.compile, cache {length}, once per process)", 1) as done:
             try:
-                self._compile_for(length)
+                self._compile_tuned_or_not(length)
             except Exception as err:  # noqa: BLE001  (inductor fails in many ways: no compiler, unsupported op)
                 self._fall_back(f"torch.compile failed ({error_reason(err)})")
             done()
@@ -229,18 +254,59 @@ class Decoder:
         out = self._graph(self.model, token.clone(), cache)
         return out if self._head is None else self._head(out).float()
 
+    def _compile_tuned_or_not(self, length: int) -> None:
+        """With INDUCTOR_OPTIONS first; where those fail (inductor's C++ GEMM template asserts on some graphs, e.g.
+        EoRA's rank-4 products), once more without them, saying so in `note`; later lengths compile the same way."""
+        if self.tuned:
+            try:
+                self._compile_for(length)
+                return
+            except Exception as err:  # noqa: BLE001
+                self.tuned = False
+                self.note = f"compiled without freezing/autotune: with them inductor failed ({error_reason(err)})"
+                # a fresh code object: dynamo would otherwise keep serving a graph that compiled but computes wrong
+                self._graph = compile_graph(last_logits if self._head is None else last_hidden, self._backend)
+        self._compile_for(length)
+
     @torch.inference_mode()
     def _compile_for(self, length: int) -> None:
         cache = self._static_cache(length)
         token = torch.zeros(1, 1, dtype=torch.long, device=self.model.device)
         last_logits(self.model, token, cache)
-        for _ in range(_WARM_UP_STEPS):
-            self._compiled_step(token, cache)
+        unfreezable(cache)
+        with inductor_settings(self.tuned):
+            for _ in range(_WARM_UP_STEPS):
+                self._compiled_step(token, cache)
+        # checked on caches of their own, filled with another token: a graph that folded the warm-up cache in would
+        # pass a check on that same cache
+        checked, reference_cache = self._static_cache(length), self._static_cache(length)
+        prompt = torch.ones(1, 2, dtype=torch.long, device=self.model.device)
+        last_logits(self.model, prompt, checked)
+        unfreezable(checked)
+        last_logits(self.model, prompt, reference_cache)
+        logits = self._compiled_step(token, checked).float()
+        reference = last_logits(self.model, token, reference_cache)
+        _check_same_logits(logits, reference, self.model.dtype)
         self._compiled_lengths.add(length)
 
     def _fall_back(self, reason: str) -> None:
         self.path, self.note = PLAIN, f"{reason}; decoding on the plain path"
         self._graph = self._head = None  # the head's oneDNN copy of the weight is freed
+
+
+def _check_same_logits(compiled: torch.Tensor, eager: torch.Tensor, dtype: torch.dtype) -> None:
+    """A compiled step against the eager one on the same cache state: equal up to rounding (the packed kernels
+    compute in bfloat16, and inductor's templates sum in their own order), else the graph is not used: freezing and
+    autotuned templates are young parts of inductor, and a wrong graph would otherwise decode wrong text silently."""
+    # of the largest logit: float32 models (bfloat16 only inside the packed kernels) differ by ~0.3 % here, bfloat16
+    # models by ~6 %; inductor's 8-bit weight-only template for one-row inputs was off by 27 % (W8 SmolLM2)
+    tolerance = 0.02 if dtype == torch.float32 else 0.1
+    scale = eager.abs().max().item()
+    error = (compiled - eager).abs().max().item()
+    if not error <= tolerance * scale + 1e-3:
+        raise RuntimeError(
+            f"the compiled step's logits differ from the eager step's by {error:.3g} (scale {scale:.3g})"
+        )
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -32,7 +32,15 @@ import torch
 from transformers import Cache, StaticCache
 
 from slimlm.errors import SlimlmError
-from slimlm.inference.decode import COMPILED, Decoder, compile_graph, decoder_for, error_reason, onednn_head
+from slimlm.inference.decode import (
+    COMPILED,
+    Decoder,
+    compile_graph,
+    decoder_for,
+    error_reason,
+    inductor_settings,
+    onednn_head,
+)
 from slimlm.inference.generate import (
     Generation,
     GenerationStats,
@@ -152,8 +160,9 @@ class Verifier:
             f"compiling the verifying forward (torch.compile, {tokens} tokens, once per process)", 1
         ) as done:
             try:
-                for _ in range(2):  # the second call checks the graph is reused
-                    self(torch.zeros(1, tokens, dtype=torch.long, device=self.decoder.model.device), cache)
+                with inductor_settings(self.decoder.tuned):
+                    for _ in range(2):  # the second call checks the graph is reused
+                        self(torch.zeros(1, tokens, dtype=torch.long, device=self.decoder.model.device), cache)
             except Exception as err:  # noqa: BLE001  (inductor fails in many ways: no compiler, unsupported op)
                 self._graph = self._head = None
                 self.note = f"verifying forward not compiled ({error_reason(err)})"
