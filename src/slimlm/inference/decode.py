@@ -171,7 +171,7 @@ class Decoder:
                 model.set_attn_implementation(GROUPED_SDPA)
             self._head = onednn_head(model)
             self._backend = backend
-            self._graph = compile_graph(last_logits if self._head is None else last_hidden, backend)
+            self._graph = self._new_graph()
 
     @property
     def model(self):
@@ -265,8 +265,13 @@ class Decoder:
                 self.tuned = False
                 self.note = f"compiled without freezing/autotune: with them inductor failed ({error_reason(err)})"
                 # a fresh code object: dynamo would otherwise keep serving a graph that compiled but computes wrong
-                self._graph = compile_graph(last_logits if self._head is None else last_hidden, self._backend)
+                self._graph = self._new_graph()
         self._compile_for(length)
+
+    def _new_graph(self):
+        """The step compiled anew (a code object of its own): the logits, or the hidden state when the head runs
+        after the graph."""
+        return compile_graph(last_logits if self._head is None else last_hidden, self._backend)
 
     @torch.inference_mode()
     def _compile_for(self, length: int) -> None:
