@@ -26,6 +26,10 @@ def _check(model_dir, stages, **extra) -> None:
             [{"prune_depth": {"remove": 1}}, {"prune_depth": {"remove": 1}}],
             "stages[1].prune_depth.remove: 1 would leave no layer of the model's 1",
         ),
+        (
+            [{"prune_depth": {"layers": [1]}}, {"prune_depth": {"layers": [1]}}],
+            "stages[1].prune_depth.layers: [1] must name layers of the model's 1 (0-0)",
+        ),
         ([{"prune_width": {"mlp_keep": 500}}], "stages[0].prune_width.mlp_keep: 500 is more than the model's 128 MLP"),
         ([{"prune_width": {"heads_keep": 5}}], "stages[0].prune_width.heads_keep: 5 is more than the model's 4 query"),
         (

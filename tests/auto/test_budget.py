@@ -38,10 +38,3 @@ def test_budgets_limit_bytes_or_milliseconds_per_token():
     assert (parse_budget("5ms/token").resource, parse_budget("5ms/token").amount(1000)) == ("ms_per_token", 5.0)
     with pytest.raises(SlimlmError, match="a decode latency, not a size"):
         parse_budget("5ms/token").bytes(1000)
-
-
-def test_latency_budgets_are_for_the_gguf_target_only():
-    parse_budget("5ms/token").check_target("gguf")
-    parse_budget("70MB").check_target("slimlm")
-    with pytest.raises(SlimlmError, match="latency budgets are searched for --target gguf only"):
-        parse_budget("5ms/token").check_target("slimlm")

@@ -2,6 +2,8 @@
 llama-bench's decode speed and the latency model's prediction; a latency budget (ms/token) is searched with the
 same knapsack, its candidates predicted within it, the report showing both Pareto panels."""
 
+from pathlib import Path
+
 import pytest
 
 from conftest import write_documents
@@ -74,3 +76,72 @@ def test_latency_budget_end_to_end(tiny_model_dir, tmp_path, work):
 
     with pytest.raises(SlimlmError, match="ms/token is below the smallest gguf output"):
         run_auto(_settings(tiny_model_dir, tmp_path, work, "0.000001ms/token", "tiny"))
+
+
+def test_recovered_types_follow_the_layers_that_remain():
+    from slimlm.auto.recover import renumbered
+
+    formats = {
+        "model.embed_tokens": "Q8_0",
+        "model.layers.0.self_attn.q_proj": "Q4_0",
+        "model.layers.1.mlp.up_proj": "Q5_0",
+        "model.layers.2.mlp.up_proj": "Q4_1",
+        "model.layers.3.mlp.down_proj": "IQ4_NL",
+    }
+    assert renumbered(formats, [1, 2]) == {
+        "model.embed_tokens": "Q8_0",
+        "model.layers.0.self_attn.q_proj": "Q4_0",
+        "model.layers.1.mlp.down_proj": "IQ4_NL",
+    }
+
+
+@pytest.mark.builtin  # not the built-in model, but slow: a pipeline run with distillation, llama.cpp per row
+def test_recover_distills_candidates_that_remove_layers(tiny_model_dir, tmp_path, work, monkeypatch):
+    import yaml
+    from gguf import GGUFReader
+
+    import slimlm.auto.run as run_module
+
+    # removal counted free: at a tight budget the candidates remove the layer the search allows
+    monkeypatch.setattr(run_module, "REMOVAL_KL_LEFT", 0.0)
+    settings = _settings(tiny_model_dir, tmp_path, work, "5bpw", "recover")
+    settings.recover, settings.decode = 2048, False
+    summary = run_auto(settings)
+
+    rows = {r["label"]: r for r in summary["rows"]}
+    candidates = [r for r in rows.values() if r["label"].startswith("candidate") and "+" not in r["label"]]
+    pruned = [r for r in candidates if r["removed"]]
+    assert pruned and not any(r.get("recovered_from") for r in candidates)
+    others = [r for r in rows if not r.startswith("candidate")]
+    assert len(rows) == len(summary["rows"]) == len(candidates) + len(pruned) + len(others)
+    for row in pruned:
+        recovered = rows[f"{row['label']} + recovery"]
+        assert recovered["recovered_from"] == row["label"] and recovered["recover_tokens"] == 2048
+        assert recovered["kld_before_recovery"] == row["kld"] and recovered["kld"] != row["kld"]
+        recipe = yaml.safe_load(Path(recovered["recipe"]).read_text())
+        assert recipe["stages"][0] == {"prune_depth": {"layers": row["removed"]}}
+        assert recipe["stages"][1]["distill"]["steps"] == 1
+        reader = GGUFReader(recovered["path"])
+        assert int(reader.fields["llama.block_count"].parts[-1][0]) == 2 - len(row["removed"])
+        types = {t.name: t.tensor_type.name for t in reader.tensors}
+        for name, type_name in row["formats"].items():  # the candidate's types, on the layer that remains
+            if name.startswith("model.layers."):
+                assert types[f"blk.0.{_GGUF_SUFFIX[name.split('.', 3)[3]]}.weight"] == type_name
+    assert [r["label"] for r in summary["recovery"]["rows"]] == [f"{r['label']} + recovery" for r in pruned]
+    out = tmp_path / "recover"
+    assert "Recovery: 2,048 tokens" in (out / "report.md").read_text()
+    best = rows[summary["best"]]
+    if best.get("recovered_from"):
+        assert yaml.safe_load((out / "recipe.yaml").read_text()) == yaml.safe_load(Path(best["recipe"]).read_text())
+    assert (out / "model.gguf").stat().st_size == best["bytes"]
+
+
+_GGUF_SUFFIX = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}

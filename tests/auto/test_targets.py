@@ -75,3 +75,25 @@ def test_uniform_solution_prices_every_item_at_one_format():
     solution = uniform_solution(costs, "small", [size_resource(costs, lambda removed: 2)])
     assert (solution.bytes, solution.proxy) == (14, 3.0)
     assert uniform_solution(costs, "missing", [size_resource(costs, lambda removed: 2)]) is None
+
+
+def test_slimlm_latency_model_times_packed_models_and_prices_groups(tiny_model, tiny_tokenizer, tmp_path):
+    target = SlimlmTarget(tiny_model, exclude=["w2g32", "w3g32", "w2g128", "w3g128"], work=tmp_path / "auto")
+    model = target.latency_model()
+    formats = {o.name for item in target.items() for o in item.options}
+    assert set(model.rates) == formats | {"bfloat16"} and all(rate >= 0 for rate in model.rates.values())
+    assert any(rate > 0 for rate in model.rates.values())
+    item = target.items()[0]
+    assert target.item_latency(item) == [
+        model.rates[o.name] * sum(lin.weight.numel() for n, lin in target.linears if n.endswith(".self_attn.q_proj"))
+        for o in item.options
+    ]
+    kept = (tmp_path / "auto" / "latency.json").read_text()
+    assert SlimlmTarget(tiny_model, exclude=target.exclude, work=tmp_path / "auto").latency_model().rates == model.rates
+    assert (tmp_path / "auto" / "latency.json").read_text() == kept  # read back, not timed again
+
+    save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
+    figures = target.decode(tmp_path / "model", {item.name: "w4g64" for item in target.items()})
+    assert figures["decode_ms_per_token"] > 0 and "plain path" in figures["decode_protocol"]
+    at_w4g64 = [target.item_latency(i)[[o.name for o in i.options].index("w4g64")] for i in target.items()]
+    assert figures["predicted_ms_per_token"] == pytest.approx(sum(at_w4g64))

@@ -136,7 +136,11 @@ def test_keep_ratio_one_removes_nothing(tiny_tokenizer):
             "stages[0].prune_depth.block: angular scores contiguous",
         ),
         ({"remove": 1, "criterion": "cosine"}, "stages[0].prune_depth.criterion: Input should be 'block_influence'"),
-        ({"remove": 1, "layers": 3}, "stages[0].prune_depth.layers: unknown option"),
+        ({"remove": 1, "layers": [3]}, "stages[0].prune_depth: give exactly one of remove"),
+        ({"layers": 3}, "stages[0].prune_depth.layers: Input should be a valid list"),
+        ({"layers": [1, 1]}, "stages[0].prune_depth: layers [1, 1]: an index appears twice"),
+        ({"layers": [-1]}, "stages[0].prune_depth.layers[0]: Input should be greater than or equal to 0"),
+        ({"width": 3}, "stages[0].prune_depth.width: unknown option"),
     ],
 )
 def test_bad_options_are_one_line_errors(options, message):
@@ -152,10 +156,22 @@ def test_bad_options_are_one_line_errors(options, message):
         ({"remove": 3}, "prune_depth.remove: 3 would leave no layer of the model's 3; must be below 3"),
         ({"remove": 5}, "prune_depth.remove: 5 would leave no layer"),
         ({"keep_ratio": 0.1}, "prune_depth.keep_ratio: 0.1 keeps no layer of the model's 3"),
+        ({"layers": [3]}, "prune_depth.layers: [3] must name layers of the model's 3 (0-2)"),
+        ({"layers": [0, 1, 2]}, "prune_depth.layers: [0, 1, 2] must name layers of the model's 3 (0-2) and leave"),
     ],
 )
 def test_removing_every_layer_is_refused_once_the_model_is_known(tiny_tokenizer, options, message):
     model = lively_llama(len(tiny_tokenizer), layers=3)
-    with pytest.raises(SlimlmError, match=message.replace("(", r"\(")):
+    with pytest.raises(SlimlmError, match=re.escape(message)):
         run_stage(model, "prune_depth", **options)
     assert model.config.num_hidden_layers == 3  # refused before anything is cut
+
+
+def test_named_layers_go_without_any_ranking(tiny_tokenizer):
+    model = lively_llama(len(tiny_tokenizer), layers=5)
+    survivors = [model.model.layers[i] for i in (0, 2, 4)]
+    model, context = run_stage(model, "prune_depth", layers=[3, 1])
+    assert list(model.model.layers) == survivors  # the same modules, in order
+    assert model.config.slimlm_kept_layers == [0, 2, 4]
+    note = next(note for note in context.notes if "removed layers" in note)
+    assert "(named)" in note and "removed layers [1, 3] of 5" in note

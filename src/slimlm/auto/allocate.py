@@ -6,8 +6,10 @@ The formats are a multiple-choice knapsack (knapsack.py) over the limited resour
 couples with it (a removed layer's Linears take nothing whatever their format), so it is an outer loop: for
 r = 0, 1, ... `max_removed`, the r layers whose removal costs least (measured one by one, summed as if additive)
 go, the knapsack allocates the rest of the budget over the remaining items, and the solution's proxy cost is the
-removal cost plus the formats'. The best `count` solutions over every r (each at a few budgets just under the
-limit) are the candidates; every solution carries its predicted amount of every resource given.
+removal cost plus the formats'. When recovery follows (`removal_weight` < 1) a removal counts for that part of its
+measured cost: the solutions are ranked by what is predicted after recovery. The best `count` solutions over every
+r (each at a few budgets just under the limit) are the candidates; every solution carries its predicted amount of
+every resource given.
 """
 
 from __future__ import annotations
@@ -35,8 +37,15 @@ def size_resource(costs: Costs, fixed_bytes: Callable[[frozenset[int]], int]) ->
 class Solution:
     formats: dict[str, str]  # item name -> option name
     removed: tuple[int, ...]  # decoder layers removed
-    proxy: float  # Σ costs: the predicted KL
+    proxy: float  # Σ costs: the predicted KL (removals weighted by the allocation's removal_weight)
     predicted: dict[str, float] = field(default_factory=dict)  # resource name -> predicted amount
+    removal: float = 0.0  # the removed layers' measured (unweighted) cost, part of `proxy` at removal_weight
+    removal_weight: float = 1.0
+
+    @property
+    def raw_proxy(self) -> float:
+        """The predicted KL of the output as the search writes it, before any recovery."""
+        return self.proxy + (1 - self.removal_weight) * self.removal
 
     @property
     def bytes(self) -> int:
@@ -50,9 +59,11 @@ def allocate(
     max_removed: int = 0,
     count: int = 4,
     also: Sequence[Resource] = (),
+    removal_weight: float = 1.0,
 ) -> list[Solution]:
     """The `count` solutions of least proxy cost whose `limit` resource fits `budget`; `also`: other resources
-    whose predicted amounts the solutions carry (the size, under a latency budget)."""
+    whose predicted amounts the solutions carry (the size, under a latency budget); `removal_weight`: the part of
+    a layer removal's cost that counts (below 1 when recovery follows)."""
     order = sorted(costs.removal, key=costs.removal.get)
     found: list[Solution] = []
     for r in range(min(max_removed, len(order)) + 1):
@@ -65,8 +76,9 @@ def allocate(
         for choice in knapsack.candidates(item_costs, amounts, room, count=count, resolution=limit.resolution):
             picked = dict(zip(kept, choice, strict=True))
             formats = {costs.items[i].name: costs.items[i].options[j].name for i, j in picked.items()}
-            proxy = removal_cost + knapsack.total(item_costs, choice)
-            found.append(Solution(formats, tuple(sorted(removed)), proxy, _predicted([limit, *also], picked, removed)))
+            proxy = removal_weight * removal_cost + knapsack.total(item_costs, choice)
+            predicted = _predicted([limit, *also], picked, removed)
+            found.append(Solution(formats, tuple(sorted(removed)), proxy, predicted, removal_cost, removal_weight))
     found.sort(key=lambda s: s.proxy)
     return found[:count]
 

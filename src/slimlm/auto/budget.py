@@ -4,7 +4,8 @@
 Sizes are of the output the target produces: the GGUF file for ``--target gguf``, the weight files of the slimlm
 folder for ``--target slimlm``. Bits per weight are that size × 8 over the model's parameter count (the tied
 embedding counted once), so a bpw budget becomes a size budget once the model is known (`Budget.bytes`).
-A latency is llama.cpp's decode ms/token on this machine (``--target gguf`` only; latency.py predicts it).
+A latency is the target runtime's decode ms/token on this machine: llama.cpp's for ``--target gguf``, slimlm's
+kernels for ``--target slimlm`` (latency.py and the targets predict it per tensor).
 """
 
 from __future__ import annotations
@@ -44,14 +45,6 @@ class Budget:
     def amount(self, parameters: int) -> float:
         """The budget in its resource's unit: bytes, or milliseconds per decoded token."""
         return self.value if self.kind == "latency" else self.bytes(parameters)
-
-    def check_target(self, target: str) -> None:
-        """Latency budgets need the target's runtime measured and modelled: llama.cpp's only, so far."""
-        if self.kind == "latency" and target != "gguf":
-            raise SlimlmError(
-                f"--budget {self.text!r}: latency budgets are searched for --target gguf only (llama.cpp's decode); "
-                f"give --target {target} a file size (70MB) or bits per weight (3.5bpw)"
-            )
 
 
 def parse_budget(text: str) -> Budget:

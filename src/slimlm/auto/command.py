@@ -10,7 +10,7 @@ def auto_command(
     budget: str = typer.Option(
         ...,
         "--budget",
-        help="A file size (70MB, 88.2MiB), bits per weight (3.5bpw) or, for gguf, a decode latency (5ms/token).",
+        help="A file size (70MB, 88.2MiB), bits per weight (3.5bpw) or a decode latency (5ms/token).",
     ),
     target: str = typer.Option("gguf", "--target", help="gguf (llama.cpp types per tensor) or slimlm (a recipe)."),
     output: str = typer.Option("runs/auto", "--output", help="Folder for the report, the model and the recipe."),
@@ -24,23 +24,24 @@ def auto_command(
         "", "--baselines", help="Comma list: llama.cpp types (gguf) or uniform formats like w4g64 (slimlm) to score."
     ),
     exclude: str = typer.Option("", "--exclude", help="Comma list of formats the search may not use (Q4_1, w2g64)."),
-    decode: bool = typer.Option(True, "--decode/--no-decode", help="gguf: time every row's decode with llama-bench."),
-    recover: int | None = typer.Option(None, "--recover", help="Not built yet: distillation after compression."),
+    decode: bool = typer.Option(True, "--decode/--no-decode", help="Time every row's decode in the target's runtime."),
+    recover: int | None = typer.Option(
+        None,
+        "--recover",
+        min=1,
+        help="gguf: distill each candidate that removes layers for this many c4 tokens before export.",
+    ),
 ) -> None:
     """Find the best compression of MODEL for a budget: sensitivity, allocation, candidates verified by evaluation,
     the export and a report with the size-vs-perplexity plot."""
     from slimlm.errors import SlimlmError
 
-    if recover is not None:
-        raise SlimlmError(
-            "--recover: distillation after the search is not built yet; run slimlm compress on the recipe"
-        )
     if target not in ("gguf", "slimlm"):
         raise SlimlmError(f"--target {target!r}: not one of gguf, slimlm")
     from slimlm.auto.budget import parse_budget
     from slimlm.auto.run import AutoSettings, run_auto
 
-    parse_budget(budget).check_target(target)  # a bad budget fails before any model loads
+    parse_budget(budget)  # a bad budget fails before any model loads
     settings = AutoSettings(
         model=model,
         budget=budget,
@@ -55,6 +56,7 @@ def auto_command(
         baselines=[b.strip() for b in baselines.split(",") if b.strip()],
         exclude=[x.strip() for x in exclude.split(",") if x.strip()],
         decode=decode,
+        recover=recover,
     )
     summary = run_auto(settings)
     best = next(r for r in summary["rows"] if r["label"] == summary["best"])

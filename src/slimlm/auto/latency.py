@@ -41,9 +41,13 @@ REPETITIONS = 5
 def cached_figures(store: Path, path: Path, settings: str, compute) -> dict:
     """compute()'s figures for the file `path`, kept in the JSON file `store` by (path, size, mtime, settings):
     a rewritten file is measured again, a shared work folder measures each file once."""
-    figures = json.loads(store.read_text()) if store.is_file() else {}
     stat = path.stat()
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{settings}"
+    return cached(store, f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{settings}", compute)
+
+
+def cached(store: Path, key: str, compute) -> dict:
+    """compute()'s figures, kept under `key` in the JSON file `store` (computed once)."""
+    figures = json.loads(store.read_text()) if store.is_file() else {}
     if key not in figures:
         figures[key] = compute()
         write_json_atomic(store, figures)
@@ -85,13 +89,17 @@ class LatencyModel:
 
     @classmethod
     def fit(cls, measured: dict[str, float], compositions: dict[str, dict[str, int]]) -> LatencyModel:
-        """Least squares of ms/token = Σ_type params × rate over the files; every type must occur in some file."""
+        """Non-negative least squares of ms/token = Σ_type params × rate over the files (a rate below zero would
+        make a tensor faster the bigger it is: on a model where per-step overhead dominates, noise fits that);
+        every type must occur in some file."""
+        from scipy.optimize import nnls
+
         types = sorted({t for counts in compositions.values() for t in counts})
         files = sorted(measured)
         a = np.array([[compositions[f].get(t, 0) for t in types] for f in files], dtype=np.float64)
         b = np.array([measured[f] for f in files])
         scale = a.max(axis=0)  # per-type columns of similar magnitude: a well-conditioned solve
-        solution, *_ = np.linalg.lstsq(a / scale, b, rcond=None)
+        solution, _ = nnls(a / scale, b)
         return cls({t: float(r / s) for t, r, s in zip(types, solution, scale, strict=True)}, measured)
 
     def item_ms(self, params: int, type_name: str) -> float:

@@ -131,6 +131,22 @@ def _latency_lines(summary: dict) -> list[str]:
     ]
 
 
+def _recovery_lines(summary: dict) -> list[str]:
+    recovery = summary.get("recovery")
+    if not recovery:
+        return []
+    found = [
+        f"{r['label']} (layers {','.join(map(str, r['removed']))}): KL {r['kld_before']:.4f} → {r['kld_after']:.4f}"
+        + (f" ({r['kl_left']:.0%} left)" if r["kl_left"] is not None else "")
+        for r in recovery["rows"]
+    ]
+    return [
+        f"Recovery: {recovery['tokens']:,} tokens of c4 distillation after layer removal; the search counted "
+        f"{recovery['removal_kl_left_assumed']:.0%} of each removal's measured KL. "
+        + ("; ".join(found) if found else "No candidate removed layers, so none was trained.")
+    ]
+
+
 def write_report(summary: dict, out: Path, target) -> None:
     rows, budget = summary["rows"], summary["budget"]
     best = best_candidate(rows)
@@ -160,6 +176,7 @@ def write_report(summary: dict, out: Path, target) -> None:
         f"Proxy vs real rank agreement (Spearman, candidates and uniform mixes): vs KL "
         f"{_fmt(summary['spearman_proxy_vs_kld'])}, vs perplexity {_fmt(summary['spearman_proxy_vs_ppl'])}.",
         *_latency_lines(summary),
+        *_recovery_lines(summary),
         "",
         *_table(rows),
         "",
@@ -184,9 +201,20 @@ def _protocol(rows: list[dict], target: str) -> str:
 
 
 def _write_solution(best: dict, out: Path, target, model: str) -> None:
-    if target.name == "slimlm":
+    if best.get("recipe"):  # made by running a recipe (the slimlm target, a recovered candidate): that is the answer
         shutil.copyfile(best["recipe"], out / "recipe.yaml")
-        return
+    else:
+        _write_gguf_recipe(best, out, target, model)
+    if target.name == "gguf":
+        final = out / "model.gguf"
+        final.unlink(missing_ok=True)
+        try:
+            os.link(best["path"], final)
+        except OSError:  # another file system
+            shutil.copyfile(best["path"], final)
+
+
+def _write_gguf_recipe(best: dict, out: Path, target, model: str) -> None:
     import yaml
 
     from slimlm.export.mixed_types import BASE_TYPE
@@ -222,9 +250,3 @@ def _write_solution(best: dict, out: Path, target, model: str) -> None:
         "# pass it as --token-embedding-type; the others as anchored --tensor-type-file patterns)\n"
         f"llama-quantize --pure --tensor-type-file tensor_types.txt{prune} f32.gguf model.gguf Q8_0\n"
     )
-    final = out / "model.gguf"
-    final.unlink(missing_ok=True)
-    try:
-        os.link(best["path"], final)
-    except OSError:  # another file system
-        shutil.copyfile(best["path"], final)

@@ -17,7 +17,8 @@ from pathlib import Path
 from slimlm.auto.allocate import Resource, Solution, allocate, size_resource, uniform_solution
 from slimlm.auto.budget import parse_budget
 from slimlm.auto.probe import Probe
-from slimlm.auto.sensitivity import CostCache, measure
+from slimlm.auto.recover import REMOVAL_KL_LEFT, recovered_rows
+from slimlm.auto.sensitivity import CostCache, Costs, measure
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import parameter_counts
 from slimlm.paths import cache_dir, shared_data_dir
@@ -51,6 +52,7 @@ class AutoSettings:
     # gguf: time every row and the uniform files with llama-bench (latency budgets need it). Off in tests that do
     # not look at speed: on a busy 2-core machine a 2-thread llama-bench of a tiny model can take minutes
     decode: bool = True
+    recover: int | None = None  # gguf: distill candidates that remove layers for this many tokens (recover.py)
 
     def fingerprint(self) -> str:
         data = asdict(self)
@@ -58,6 +60,8 @@ class AutoSettings:
         data.pop("output")
         data.pop("work")
         data.pop("decode")  # what is scored does not depend on it: the rows' timings live in the work folder
+        if data["recover"] is None:  # runs from before --recover keep their fingerprint
+            data.pop("recover")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -70,7 +74,7 @@ def _target(settings: AutoSettings, loaded, out: Path):
     if settings.target == "slimlm":
         from slimlm.auto.slimlm_target import SlimlmTarget
 
-        return SlimlmTarget(loaded.model, exclude=settings.exclude)
+        return SlimlmTarget(loaded.model, exclude=settings.exclude, work=out)
     raise SlimlmError(f"--target {settings.target!r}: not one of gguf, slimlm")
 
 
@@ -85,13 +89,12 @@ def _state(out: Path, settings: AutoSettings) -> dict:
 
 
 def run_auto(settings: AutoSettings) -> dict:
-    from slimlm.data import calibration_windows, load_text
-    from slimlm.models import load_model, source_fingerprint
+    from slimlm.models import load_model
 
     budget = parse_budget(settings.budget)
-    budget.check_target(settings.target)
     if budget.resource == "ms_per_token" and not settings.decode:
         raise SlimlmError(f"--budget {settings.budget!r}: a latency budget needs the decode timings (drop --no-decode)")
+    _check_recover(settings)
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
     state = _state(out, settings)
@@ -101,30 +104,14 @@ def run_auto(settings: AutoSettings) -> dict:
     target = _target(settings, loaded, out)
     parameters = parameter_counts(model)["total"]
     limit = budget.amount(parameters)
-    windows = calibration_windows(
-        loaded.tokenizer, load_text(settings.calib_data), settings.calib_samples, settings.calib_seq_len, 0
-    )
-    probe = Probe(model, windows)
-    items = target.items()
-    key = json.dumps(
-        [
-            source_fingerprint(loaded.source),
-            target.name,
-            settings.calib_data,
-            settings.calib_samples,
-            settings.calib_seq_len,
-            CACHE_VERSION,
-        ]
-    )
-    cache = CostCache(cache_dir() / "auto" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl")
-    removable = list(range(probe.layers)) if target.name == "gguf" and settings.max_removed else []
-    costs = measure(probe, items, cache, removable)
+    costs, cache = sensitivity_costs(settings, loaded, target)
     resources = _resources(target, costs, settings.decode)
     search_cpu, search_wall = time.process_time() - started[0], time.perf_counter() - started[1]
     chosen = resources[budget.resource]
     others = [r for r in resources.values() if r is not chosen]
-    max_removed = settings.max_removed if removable else 0
-    solutions = allocate(costs, limit, chosen, max_removed, settings.candidates, also=others)
+    max_removed = settings.max_removed if costs.removal else 0
+    removal_weight = REMOVAL_KL_LEFT if settings.recover else 1.0
+    solutions = allocate(costs, limit, chosen, max_removed, settings.candidates, others, removal_weight)
     if not solutions:
         unit = "bytes" if chosen.name == "bytes" else "ms/token"
         smallest = chosen.fixed(frozenset()) + sum(min(a) for a in chosen.amounts)
@@ -134,6 +121,9 @@ def run_auto(settings: AutoSettings) -> dict:
         )
     uniform = _uniform_solutions(settings, costs, list(resources.values()))
     rows = _score_all(settings, target, solutions, uniform, state, out, loaded)
+    if settings.recover:
+        save = lambda: write_json_atomic(out / "state.json", state)  # noqa: E731
+        rows += recovered_rows(settings, target, rows, state, out, save, _wikitext_test())
     summary = {
         "settings": asdict(settings),
         "budget": {
@@ -149,12 +139,14 @@ def run_auto(settings: AutoSettings) -> dict:
             "wall_s": search_wall,
             "new_figures": costs.new_figures,
             "cache": str(cache.path),
-            "items": len(items),
-            "options": sum(len(i.options) for i in items),
+            "items": len(costs.items),
+            "options": sum(len(i.options) for i in costs.items),
             "calibration": f"{settings.calib_samples} x {settings.calib_seq_len} tokens of {settings.calib_data}",
         },
         "rows": rows,
     }
+    if settings.recover:
+        summary["recovery"] = _recovery_summary(settings, rows)
     if "ms_per_token" in resources:
         summary["latency_model"] = _latency_summary(target.latency_model(), rows)
     from slimlm.auto.report import write_report
@@ -163,11 +155,72 @@ def run_auto(settings: AutoSettings) -> dict:
     return summary
 
 
+def sensitivity_costs(settings: AutoSettings, loaded, target) -> tuple[Costs, CostCache]:
+    """The cost of every (item, option) and of removing each decoder layer (gguf, when --max-removed allows any),
+    measured on the calibration windows or read from the cache of earlier searches on the same model."""
+    from slimlm.data import calibration_windows, load_text
+    from slimlm.models import source_fingerprint
+
+    windows = calibration_windows(
+        loaded.tokenizer, load_text(settings.calib_data), settings.calib_samples, settings.calib_seq_len, 0
+    )
+    probe = Probe(loaded.model, windows)
+    key = json.dumps(
+        [
+            source_fingerprint(loaded.source),
+            target.name,
+            settings.calib_data,
+            settings.calib_samples,
+            settings.calib_seq_len,
+            CACHE_VERSION,
+        ]
+    )
+    cache = CostCache(cache_dir() / "auto" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl")
+    removable = list(range(probe.layers)) if target.name == "gguf" and settings.max_removed else []
+    return measure(probe, target.items(), cache, removable), cache
+
+
+def _check_recover(settings: AutoSettings) -> None:
+    if settings.recover is None:
+        return
+    if settings.target != "gguf":
+        raise SlimlmError(
+            f"--recover {settings.recover}: recovery follows layer removal, which only --target gguf searches"
+        )
+    if settings.recover <= 0:
+        raise SlimlmError(f"--recover {settings.recover}: give a positive number of training tokens")
+    if settings.max_removed == 0:
+        raise SlimlmError("--recover: distillation recovers removed layers, and --max-removed 0 removes none")
+
+
+def _recovery_summary(settings: AutoSettings, rows: list[dict]) -> dict:
+    """What recovery did to each candidate it trained: KL before and after, and the part of it that was left."""
+    recovered = [r for r in rows if r.get("recovered_from")]
+    return {
+        "tokens": settings.recover,
+        "removal_kl_left_assumed": REMOVAL_KL_LEFT,
+        "rows": [
+            {
+                "label": r["label"],
+                "removed": r["removed"],
+                "kld_before": r["kld_before_recovery"],
+                "kld_after": r["kld"],
+                "kl_left": r["kld"] / r["kld_before_recovery"] if r["kld_before_recovery"] else None,
+            }
+            for r in recovered
+        ],
+    }
+
+
+def _wikitext_test() -> Path:
+    return shared_data_dir() / "wikitext-2-raw-v1" / "wiki.test.raw"
+
+
 def _resources(target, costs, decode: bool) -> dict[str, Resource]:
-    """What a budget may limit: the output's bytes, and for gguf the predicted decode ms/token (latency.py; a
-    nanosecond is the finest step the knapsack tells apart)."""
+    """What a budget may limit: the output's bytes, and the predicted decode ms/token of the target's runtime
+    (latency.py; a nanosecond is the finest step the knapsack tells apart)."""
     resources = {"bytes": size_resource(costs, target.fixed_bytes(costs.items))}
-    if target.name == "gguf" and decode:
+    if decode:
         latency = [target.item_latency(item) for item in costs.items]
         resources["ms_per_token"] = Resource("ms_per_token", latency, lambda removed: 0.0, resolution=1e-6)
     return resources
@@ -208,16 +261,18 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -
                 row |= {
                     "formats": solution.formats,
                     "removed": list(solution.removed),
-                    "proxy_kl": solution.proxy,
+                    "proxy_kl": solution.raw_proxy,
                     "predicted_bytes": solution.bytes,
                 }
+                if settings.recover:
+                    row["proxy_kl_recovered"] = solution.proxy
             key = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
             if key not in state["scores"]:
                 state["scores"][key] = _score(settings, target, label, solution, out, loaded)
                 write_json_atomic(out / "state.json", state)
             figures = state["scores"][key]
-            if settings.target == "gguf" and settings.decode:  # kept in the work folder by file: resumed rows get it
-                figures = figures | target.decode(Path(figures["path"]))
+            if settings.decode:  # kept by file in the work folder (gguf) or the output (slimlm): resumed rows get it
+                figures = figures | target.decode(Path(figures["path"]), row.get("formats"))
             rows.append(row | figures)
             advance(description=f"auto: scoring ({label})")
     return rows
@@ -226,7 +281,7 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -
 def _score(settings, target, label: str, solution, out: Path, loaded) -> dict:
     slug = label.replace(" ", "-").replace(".", "")
     if settings.target == "gguf":
-        text = shared_data_dir() / "wikitext-2-raw-v1" / "wiki.test.raw"
+        text = _wikitext_test()
         if solution is None:
             path = target.llama_type(label.split()[-1], target.work / "llama" / f"{label.split()[-1]}.gguf")
         else:
@@ -262,6 +317,7 @@ def _score_slimlm(settings, target, solution, folder: Path, loaded) -> dict:
         "ppl": ppl["value"],
         "kld": kl["value"] if kl else None,
         "bytes": size_on_disk(folder / "model"),
+        "path": str(folder / "model"),
         "recipe": str(folder / "recipe.yaml"),
         "protocol": ppl["protocol"],
     }

@@ -9,16 +9,25 @@ a per-layer override in the quantize stage (see the closing report of issue 15).
 Options: symmetric RTN grids of 2, 3, 4 and 8 bits with groups of 32, 64 and 128 columns (ggml's scale rule,
 grid.py). Size: the folder's weight bytes (safetensors), the packed codes at their bit width plus a float16
 scale per group, the rest (embedding, norms) in the recipe's dtype.
+
+Latency: slimlm's own decode (evaluate/speed.py: greedy, KV cache, the packed kernels, plain path) of one model per
+format with every projection at that format, in memory; a group's ms/token is its share of its format's (its
+parameters × the format's rate: latency.LatencyModel). The figures are kept in ``<output>/latency.json``; the
+candidates are timed the same way from their folders.
 """
 
 from __future__ import annotations
 
+import copy
+import tempfile
 from pathlib import Path
 
 import torch
 
+from slimlm.auto.latency import LatencyModel, cached
 from slimlm.auto.sensitivity import Item, Option
 from slimlm.modules import SHORT_NAMES, named_decoder_linears
+from slimlm.progress import progress_bar
 from slimlm.quantize.grid import QuantGrid, quantize_codes
 from slimlm.quantize.packed import packed_columns
 
@@ -26,6 +35,7 @@ BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
 REFERENCE = "w4g64"
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DECODE = {"prompt_tokens": 16, "new_tokens": 32, "runs": 3}  # per timed model: evaluate/speed.measure_speed
 _HEADER_PER_TENSOR = 112  # safetensors JSON header per tensor (name, dtype, shape, offsets): ~99-110 measured
 
 
@@ -41,9 +51,15 @@ def packed_bytes(rows: int, columns: int, bits: int, group: int) -> int:
 class SlimlmTarget:
     name = "slimlm"
 
-    def __init__(self, model, dtype: str = "bfloat16", exclude: list[str] = ()):
+    def __init__(self, model, dtype: str = "bfloat16", exclude: list[str] = (), work: Path | None = None):
         self.model, self.dtype, self.exclude = model, dtype, set(exclude)
         self.linears = named_decoder_linears(model)
+        self.work = work  # where latency.json is kept (None: the timings are not kept)
+        self._latency: LatencyModel | None = None
+
+    def _group_params(self, short: str) -> int:
+        inside = SHORT_NAMES[short]
+        return sum(linear.weight.numel() for name, linear in self.linears if name.endswith("." + inside))
 
     def items(self) -> list[Item]:
         items = []
@@ -95,3 +111,79 @@ class SlimlmTarget:
             "stages": stages,
             "output": str(output),
         }
+
+    def latency_model(self) -> LatencyModel:
+        """A rate per format (and for the dense dtype): least squares over slimlm's decode ms/token of the dense
+        model and of one model per format with every projection group that allows it at that format."""
+        if self._latency is None:
+            items = self.items()
+            names = [self.dtype, *sorted({o.name for item in items for o in item.options})]
+            measured, compositions = {}, {}
+            with progress_bar("auto: decode latency (slimlm kernels)", total=len(names)) as advance:
+                for name in names:
+                    groups = [i.name for i in items if name in {o.name for o in i.options}]
+                    measured[name] = self._timed(f"uniform|{name}", lambda n=name, g=groups: self._uniform(n, g))
+                    at_format = sum(self._group_params(short) for short in groups)
+                    compositions[name] = {name: at_format, self.dtype: self._all_params() - at_format}
+                    advance(description=f"auto: decode latency ({name})")
+            self._latency = LatencyModel.fit(measured, compositions)
+        return self._latency
+
+    def _all_params(self) -> int:
+        return sum(linear.weight.numel() for _, linear in self.linears)
+
+    def item_latency(self, item: Item) -> list[float]:
+        params = self._group_params(item.name)
+        return [self.latency_model().item_ms(params, o.name) for o in item.options]
+
+    def decode(self, path: Path, formats: dict[str, str] | None = None) -> dict:
+        """slimlm's decode speed of the model saved in `path`, and the latency model's prediction for `formats`."""
+        from slimlm.models import load_model
+
+        config = (Path(path) / "config.json").stat()  # rewritten with the folder: a new folder is timed again
+        key = f"folder|{Path(path).resolve()}|{config.st_mtime_ns}"
+        figures = self._figures(key, lambda: load_model(str(path)).model)
+        predicted = None
+        if formats:
+            composition: dict[str, int] = {}
+            for short, name in formats.items():
+                composition[name] = composition.get(name, 0) + self._group_params(short)
+            predicted = self.latency_model().predict(composition)
+        return figures | {"predicted_ms_per_token": predicted}
+
+    def _uniform(self, name: str, groups: list[str]):
+        """The model in the recipe's dtype with the projection `groups` RTN-quantized to `name` and packed (the
+        dense model when `name` is the dtype)."""
+        from slimlm.registry import StageContext, get_stage
+
+        model = copy.deepcopy(self.model).to(getattr(torch, self.dtype))
+        if name == self.dtype:
+            return model
+        bits, group = (int(x) for x in name[1:].split("g"))
+        spec = get_stage("quantize")
+        given = {"method": "rtn", "bits": bits, "group_size": group, "targets": groups}
+        options = spec.options_model(given).model_validate(given)
+        with tempfile.TemporaryDirectory() as folder:
+            return spec.apply(model, options, StageContext(None, None, Path(folder)))
+
+    def _timed(self, key: str, build) -> float:
+        return self._figures(key, build)["decode_ms_per_token"]
+
+    def _figures(self, key: str, build) -> dict:
+        def measure() -> dict:
+            from slimlm.evaluate.speed import measure_speed
+
+            records = {r.metric: r for r in measure_speed(build(), None, **DECODE)}
+            speed = records["decode_tokens_per_s"]
+            return {
+                "decode_tps": speed.value,
+                "decode_tps_sd": None,
+                "decode_ms_per_token": 1e3 / speed.value,
+                "decode_loadavg_1min": speed.protocol["load_avg_1min_before"],
+                "decode_protocol": f"slimlm measure_speed {DECODE}, plain path, {torch.get_num_threads()} threads",
+            }
+
+        if self.work is None:
+            return measure()
+        self.work.mkdir(parents=True, exist_ok=True)
+        return cached(self.work / "latency.json", f"{key}|t{torch.get_num_threads()}", measure)

@@ -84,7 +84,7 @@ def pre_tokenizer(tokenizer, pre: str | None = None, source_gguf: str | Path | N
     detected = KNOWN_PRE.get(digest)
     if detected is not None and pre not in (None, detected):
         raise SlimlmError(f"tokenizer: pre={pre!r} contradicts the pre-tokenizer {detected!r} its hash identifies")
-    found = detected or pre or _gguf_pre(source_gguf)
+    found = detected or pre or read_gguf_pre(source_gguf)
     if found is None:
         raise SlimlmError(
             f"tokenizer: its BPE pre-tokenizer is not recognised (check-text hash {digest[:16]}…, "
@@ -94,7 +94,7 @@ def pre_tokenizer(tokenizer, pre: str | None = None, source_gguf: str | Path | N
     return found
 
 
-def _gguf_pre(path: str | Path | None) -> str | None:
+def read_gguf_pre(path: str | Path | None) -> str | None:
     if path is None:
         return None
     try:

@@ -30,7 +30,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
+from pydantic import Field, NonNegativeInt, PositiveInt, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from slimlm.calibrate import LayerInputs, capture_first_layer_inputs, run_layer
@@ -49,6 +49,7 @@ class DepthOptions(StageOptions):
     keep_ratio: float | None = Field(None, gt=0, le=1)  # ... or the fraction of layers to keep (rounded to a count)
     criterion: Criterion = "block_influence"
     block: bool | None = None  # remove one contiguous run; None: the criterion's default (only angular is a block)
+    layers: list[NonNegativeInt] | None = Field(None, min_length=1)  # ... or exactly these layers (no ranking)
 
     @field_validator("block")
     @classmethod
@@ -61,8 +62,13 @@ class DepthOptions(StageOptions):
 
     @model_validator(mode="after")
     def _one_size(self):
-        if (self.remove is None) == (self.keep_ratio is None):
-            raise ValueError("give exactly one of remove (a layer count) or keep_ratio (a fraction of layers)")
+        given = [self.remove is not None, self.keep_ratio is not None, self.layers is not None]
+        if sum(given) != 1:
+            raise ValueError(
+                "give exactly one of remove (a layer count), keep_ratio (a fraction of layers) or layers (indices)"
+            )
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {self.layers}: an index appears twice")
         return self
 
     @property
@@ -72,6 +78,13 @@ class DepthOptions(StageOptions):
 
 def layers_to_remove(options: DepthOptions, num_layers: int) -> int:
     """The count the options ask for on a model of `num_layers` layers; at least one layer must stay."""
+    if options.layers is not None:
+        if max(options.layers) >= num_layers or len(options.layers) >= num_layers:
+            raise SlimlmError(
+                f"prune_depth.layers: {sorted(options.layers)} must name layers of the model's {num_layers} "
+                f"(0-{num_layers - 1}) and leave at least one"
+            )
+        return len(options.layers)
     if options.remove is not None:
         if options.remove >= num_layers:
             raise SlimlmError(
@@ -259,18 +272,22 @@ def prune_depth(model, options: DepthOptions, context):
             f"prune_depth: keep_ratio {options.keep_ratio} keeps all {num_layers} layers; nothing removed"
         )
         return model
-    windows = context.calibration.windows(model, context.notes)
-    ranking = RANKINGS[options.criterion](model, windows, count, options.contiguous)
-    removed = choose_layers(ranking, count, options.contiguous)
+    if options.layers is not None:
+        removed, why = sorted(options.layers), "layers named in the recipe"
+    else:
+        windows = context.calibration.windows(model, context.notes)
+        ranking = RANKINGS[options.criterion](model, windows, count, options.contiguous)
+        removed = choose_layers(ranking, count, options.contiguous)
+        why = describe_ranking(ranking, removed)
     params_before = count_parameters(model)
     kept = remove_decoder_layers(model, removed)
     # which original layers survive, across repeated depth stages: distillation maps student layers to teacher ones
     earlier = getattr(model.config, "slimlm_kept_layers", None) or list(range(num_layers))
     model.config.slimlm_kept_layers = [earlier[index] for index in kept]
+    how = "named" if options.layers is not None else options.criterion
     context.notes.append(
-        f"prune_depth ({options.criterion}{', contiguous block' if options.contiguous else ''}): "
-        f"removed layers {removed} of {num_layers} (original numbering); "
-        f"{describe_ranking(ranking, removed)}"
+        f"prune_depth ({how}{', contiguous block' if options.contiguous else ''}): "
+        f"removed layers {removed} of {num_layers} (original numbering); {why}"
     )
     context.notes.append(
         f"prune_depth: the model is genuinely smaller: {num_layers - count} layers, "

@@ -1,0 +1,126 @@
+"""`slimlm auto --recover TOKENS`: candidates that remove decoder layers are distilled before they are exported.
+
+A candidate's recovered form is a recipe: `prune_depth` of exactly its layers, `distill` from the original for
+TOKENS tokens of c4 (logit KL, the recovery benchmark's learning rate), then the gguf export with the candidate's
+types, renumbered to the layers that remain. It is run by the pipeline, its GGUF scored as every other row, and
+it stands beside the unrecovered candidate in the report; the best row may be either.
+
+The search knows recovery will follow: a removed layer's proxy cost is weighted by `REMOVAL_KL_LEFT`, the part
+of a removal's KL that recovery leaves (benchmarks/auto_recover.py measures it: KL of files with 1, 2 and 4
+layers removed and every matrix Q8_0, before and after recovery, less the Q8_0 file's own KL). Quantization
+error is not recovered: distillation runs on the float32 model before llama-quantize.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from slimlm.export.mixed_types import BASE_TYPE
+
+# benchmarks/results/auto_recover.json, 40,960 c4 tokens: the mean over 1, 2 and 4 layers removed (see there)
+REMOVAL_KL_LEFT = 0.5
+BATCH_SIZE, SEQ_LEN, LR = 4, 512, 1e-4
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
+
+def recovery_steps(tokens: int) -> int:
+    """Optimizer steps of BATCH_SIZE windows of SEQ_LEN tokens within `tokens` (at least one)."""
+    return max(1, tokens // (BATCH_SIZE * SEQ_LEN))
+
+
+def renumbered(formats: dict[str, str], removed: list[int]) -> dict[str, str]:
+    """`formats` by the module names of the model once `removed` layers are gone (later layers move down)."""
+    gone = sorted(removed)
+
+    def rename(name: str) -> str:
+        match = _LAYER.match(name)
+        if match is None:
+            return name
+        layer = int(match[1])
+        return f"model.layers.{layer - sum(g < layer for g in gone)}.{name[match.end() :]}"
+
+    return {rename(name): t for name, t in formats.items() if not _in(name, gone)}
+
+
+def _in(name: str, layers: list[int]) -> bool:
+    match = _LAYER.match(name)
+    return match is not None and int(match[1]) in layers
+
+
+def recovery_recipe(
+    model: str, formats: dict[str, str], removed: list[int], tokens: int, output: Path, pre: str | None = None
+) -> dict:
+    """The recipe that removes `removed`, distills for `tokens` and exports `formats` to <output>/export/model.gguf
+    (`pre`: llama.cpp's pre-tokenizer name, that of the file the search started from)."""
+    steps = recovery_steps(tokens)
+    distill = {
+        "steps": steps,
+        "batch_size": BATCH_SIZE,
+        "seq_len": SEQ_LEN,
+        "lr": LR,
+        "warmup": steps // 10,
+        "data": "c4",
+        "loss": {"kl": 1.0},
+        "checkpoint_every": 0,
+    }
+    return {
+        "model": model,
+        "dtype": "float32",
+        "evaluate": {"tasks": [], "speed": False},  # the GGUF is scored by llama-perplexity, as every row
+        "stages": [{"prune_depth": {"layers": sorted(removed)}}, {"distill": distill}],
+        "export": [
+            {"format": "gguf", "tensor_types": renumbered(formats, removed), "base_type": BASE_TYPE}
+            | ({"pre": pre} if pre else {})
+        ],
+        "output": str(output),
+    }
+
+
+def recovered_rows(settings, target, rows: list[dict], state: dict, out: Path, save_state, text: Path) -> list[dict]:
+    """The recovered form of every candidate row that removes layers, scored (and kept in `state` for --resume)."""
+    import yaml
+
+    from slimlm.export.gguf_vocab import read_gguf_pre
+    from slimlm.pipeline import run_recipe
+    from slimlm.progress import progress_bar
+    from slimlm.recipe import parse_recipe
+
+    pruned = [r for r in rows if r["label"].startswith("candidate") and r.get("removed")]
+    found, pre = [], read_gguf_pre(target.f32)
+    with progress_bar("auto: recovery", total=len(pruned)) as advance:
+        for row in pruned:
+            what = [row["formats"], row["removed"], settings.recover]
+            key = "recover-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+            folder = out / "recover" / row["label"].replace(" ", "-")
+            if key not in state["scores"]:
+                data = recovery_recipe(settings.model, row["formats"], row["removed"], settings.recover, folder, pre)
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+                run_recipe(parse_recipe(data, str(folder / "recipe.yaml")))
+                path = folder / "export" / "model.gguf"
+                state["scores"][key] = target.score(path, text, settings.eval_chunks) | {
+                    "path": str(path),
+                    "recipe": str(folder / "recipe.yaml"),
+                }
+                save_state()
+            figures = state["scores"][key]
+            if settings.decode:
+                figures = figures | target.decode(Path(figures["path"]), row["formats"])
+            found.append(
+                {
+                    "label": f"{row['label']} + recovery",
+                    "formats": row["formats"],
+                    "removed": row["removed"],
+                    "proxy_kl": row["proxy_kl_recovered"],
+                    "predicted_bytes": row["predicted_bytes"],
+                    "recovered_from": row["label"],
+                    "recover_tokens": recovery_steps(settings.recover) * BATCH_SIZE * SEQ_LEN,
+                    "kld_before_recovery": row["kld"],
+                }
+                | figures
+            )
+            advance(description=f"auto: recovery ({row['label']})")
+    return found
