@@ -68,12 +68,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-auto-bench/shared"), help="auto's work folder")
     parser.add_argument("--out", type=Path, default=RESULTS / "auto_recover.json")
     args = parser.parse_args()
-    loaded = load_model(MODEL)
     settings = AutoSettings(model=MODEL, budget="1GB", work=str(args.work), max_removed=max(_counts(args)))
-    target = GGUFTarget(loaded.model, loaded.tokenizer, args.work, args.threads)
-    costs, _ = sensitivity_costs(settings, loaded, target)
-    order = sorted(costs.removal, key=costs.removal.get)
-    formats = {item.name: "Q8_0" for item in costs.items}
+    target, removal, formats = _search_inputs(settings, args)
+    order = sorted(removal, key=removal.get)
     text = shared_data_dir() / "wikitext-2-raw-v1" / "wiki.test.raw"
     target.uniform("Q8_0")
     q8 = target.score(args.work / "uniform" / "Q8_0.gguf", text, args.chunks)
@@ -92,7 +89,7 @@ def main() -> None:
         if key not in results["points"]:
             removed = sorted(order[:count])
             found = point(target, formats, removed, args.tokens, args.chunks, folder)
-            found["proxy_removal_kl"] = sum(costs.removal[layer] for layer in removed)
+            found["proxy_removal_kl"] = sum(removal[layer] for layer in removed)
             found["kl_left"] = (found["kld_after"] - q8["kld"]) / (found["kld_before"] - q8["kld"])
             results["points"][key] = found
             write_json_atomic(args.out, results)
@@ -108,6 +105,15 @@ def main() -> None:
             f"{p['kld_after']:.4f} | {p['ppl_before']:.3f} | {p['ppl_after']:.3f} | {p['kl_left']:.0%} |"
         )
     print(f"mean KL left at {args.tokens:,} tokens: {results['mean_kl_left']:.2f}")
+
+
+def _search_inputs(settings: AutoSettings, args) -> tuple[GGUFTarget, dict[int, float], dict[str, str]]:
+    """The target, each layer's removal KL and every item at Q8_0; the probe is left behind here (distillation
+    needs the memory)."""
+    loaded = load_model(MODEL)
+    target = GGUFTarget(loaded.model, loaded.tokenizer, args.work, args.threads)
+    costs, _ = sensitivity_costs(settings, loaded, target)
+    return target, costs.removal, {item.name: "Q8_0" for item in costs.items}
 
 
 def _counts(args) -> list[int]:

@@ -3,8 +3,9 @@ removal picks the cheap layers and fits the budget."""
 
 import pytest
 
-from conftest import run_stage
+from conftest import random_windows, run_stage
 from slimlm.auto.allocate import allocate, size_resource, uniform_solution
+from slimlm.auto.probe import Probe
 from slimlm.auto.sensitivity import Costs, Item, Option
 from slimlm.auto.slimlm_target import SlimlmTarget
 from slimlm.evaluate.footprint import size_on_disk
@@ -36,17 +37,18 @@ def test_recipe_has_one_quantize_stage_per_format(tiny_model, tmp_path):
         "o_proj": "w4g32",
         "gate_proj": "w2g64",
         "up_proj": "w2g64",
-        "down_proj": "w3g128",
+        "down_proj": "gptq-w3g128",
     }
     recipe = target.recipe(formats, "m", {}, {}, tmp_path)
     stages = {
-        tuple(s["quantize"]["targets"]): (s["quantize"]["bits"], s["quantize"]["group_size"]) for s in recipe["stages"]
+        tuple(s["quantize"]["targets"]): (s["quantize"]["method"], s["quantize"]["bits"], s["quantize"]["group_size"])
+        for s in recipe["stages"]
     }
     assert stages == {
-        ("q_proj", "k_proj", "o_proj"): (4, 32),
-        ("v_proj",): (8, 32),
-        ("gate_proj", "up_proj"): (2, 64),
-        ("down_proj",): (3, 128),
+        ("q_proj", "k_proj", "o_proj"): ("rtn", 4, 32),
+        ("v_proj",): ("rtn", 8, 32),
+        ("gate_proj", "up_proj"): ("rtn", 2, 64),
+        ("down_proj",): ("gptq", 3, 128),
     }
     parse_recipe(recipe)  # a valid recipe: the stages follow one another (recipe.check_chain)
 
@@ -97,3 +99,19 @@ def test_slimlm_latency_model_times_packed_models_and_prices_groups(tiny_model, 
     assert figures["decode_ms_per_token"] > 0 and "plain path" in figures["decode_protocol"]
     at_w4g64 = [target.item_latency(i)[[o.name for o in i.options].index("w4g64")] for i in target.items()]
     assert figures["predicted_ms_per_token"] == pytest.approx(sum(at_w4g64))
+
+
+def test_gptq_options_come_with_a_probe_and_beat_rtn_on_output_error(tiny_model):
+    target = SlimlmTarget(tiny_model)
+    assert not any(o.name.startswith("gptq") for item in target.items() for o in item.options)  # no Hessians yet
+    probe = Probe(tiny_model, random_windows(tiny_model, 2, 32))
+    for item in target.items(probe):
+        options = {o.name: o for o in item.options}
+        for name in ("w2g32", "w4g64"):
+            rtn, gptq = options[name], options[f"gptq-{name}"]
+            assert rtn.bytes == gptq.bytes  # one packed format, two ways of choosing its codes
+            error = {o.name: sum(probe.output_error(n, w) for n, w in o.weights().items()) for o in (rtn, gptq)}
+            assert error[gptq.name] < error[rtn.name], (item.name, error)
+    assert all(
+        not o.name.startswith("gptq") for o in SlimlmTarget(tiny_model, exclude=["gptq"]).items(probe)[0].options
+    )

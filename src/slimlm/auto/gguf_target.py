@@ -52,7 +52,8 @@ class GGUFTarget:
             self._weights[type_name] = mixed.GGUFWeights(path, self.config)
         return self._weights[type_name]
 
-    def items(self) -> list[Item]:
+    def items(self, probe=None) -> list[Item]:
+        """The embedding and every decoder Linear, with the llama.cpp types each allows (`probe`: unused)."""
         items = [self._embedding_item()]
         for name, linear in named_decoder_linears(self.model):
             options = [

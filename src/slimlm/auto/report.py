@@ -126,7 +126,7 @@ def _latency_lines(summary: dict) -> list[str]:
     loads = [r["decode_loadavg_1min"] for r in summary["rows"] if r.get("decode_loadavg_1min") is not None]
     load = f" 1-min load average during the timings {min(loads):.1f}-{max(loads):.1f}." if loads else ""
     return [
-        "Latency model (Σ matrix params × a rate per type, fitted on the f32 and uniform files): predicted vs "
+        "Latency model (Σ matrix params × a rate per format, fitted on the dense and uniform outputs): predicted vs "
         "measured ms/token off by " + ("; ".join(parts) or "— (no row timed)") + "." + load,
     ]
 

@@ -177,7 +177,7 @@ def sensitivity_costs(settings: AutoSettings, loaded, target) -> tuple[Costs, Co
     )
     cache = CostCache(cache_dir() / "auto" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl")
     removable = list(range(probe.layers)) if target.name == "gguf" and settings.max_removed else []
-    return measure(probe, target.items(), cache, removable), cache
+    return measure(probe, target.items(probe), cache, removable), cache
 
 
 def _check_recover(settings: AutoSettings) -> None:

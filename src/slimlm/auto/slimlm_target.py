@@ -1,4 +1,5 @@
-"""`--target slimlm`: RTN grids per projection, as a recipe `slimlm compress` runs, scored by slimlm's evaluation.
+"""`--target slimlm`: RTN and GPTQ grids per projection, as a recipe `slimlm compress` runs, scored by slimlm's
+evaluation.
 
 The quantize stage restricts a stage by projection (`targets`) but not by layer, and a projection already packed
 cannot be quantized again (recipe.check_chain), so what a recipe can say today is one format per projection
@@ -6,9 +7,13 @@ cannot be quantized again (recipe.check_chain), so what a recipe can say today i
 The items are those seven groups (their cost: every Linear of the kind changed at once); per-Linear formats need
 a per-layer override in the quantize stage (see the closing report of issue 15).
 
-Options: symmetric RTN grids of 2, 3, 4 and 8 bits with groups of 32, 64 and 128 columns (ggml's scale rule,
-grid.py). Size: the folder's weight bytes (safetensors), the packed codes at their bit width plus a float16
-scale per group, the rest (embedding, norms) in the recipe's dtype.
+Options: symmetric grids of 2, 3, 4 and 8 bits with groups of 32, 64 and 128 columns (ggml's scale rule,
+grid.py), each by RTN (``w4g64``) and by GPTQ (``gptq-w4g64``; ``--exclude gptq`` leaves the quantizer out). A
+GPTQ option's weights for the proxy are each Linear solved alone from the probe's Hessian of the original's
+inputs; the recipe's gptq stage is sequential (later layers see earlier ones quantized) and weights v_proj's
+Hessian by attention, so the proxy is an estimate of it, checked by the real evaluation like every candidate.
+Size: the folder's weight bytes (safetensors), the packed codes at their bit width plus a float16 scale per group
+(the same for both quantizers), the rest (embedding, norms) in the recipe's dtype.
 
 Latency: slimlm's own decode (evaluate/speed.py: greedy, KV cache, the packed kernels, plain path) of one model per
 format with every projection at that format, in memory; a group's ms/token is its share of its format's (its
@@ -28,9 +33,11 @@ from slimlm.auto.latency import LatencyModel, cached
 from slimlm.auto.sensitivity import Item, Option
 from slimlm.modules import SHORT_NAMES, named_decoder_linears
 from slimlm.progress import progress_bar
+from slimlm.quantize.gptq import GPTQ
 from slimlm.quantize.grid import QuantGrid, quantize_codes
 from slimlm.quantize.packed import packed_columns
 
+QUANTIZERS = ("rtn", "gptq")
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
 REFERENCE = "w4g64"
@@ -39,8 +46,22 @@ DECODE = {"prompt_tokens": 16, "new_tokens": 32, "runs": 3}  # per timed model: 
 _HEADER_PER_TENSOR = 112  # safetensors JSON header per tensor (name, dtype, shape, offsets): ~99-110 measured
 
 
-def option_name(bits: int, group: int) -> str:
-    return f"w{bits}g{group}"
+def option_name(bits: int, group: int, method: str = "rtn") -> str:
+    """w4g64 (RTN), gptq-w4g64 (GPTQ): the quantizer, then the grid."""
+    return f"w{bits}g{group}" if method == "rtn" else f"{method}-w{bits}g{group}"
+
+
+def parse_option(name: str) -> tuple[str, int, int]:
+    """The option name's (method, bits, group size)."""
+    method, _, grid = name.rpartition("-")
+    bits, group = (int(x) for x in grid[1:].split("g"))
+    return method or "rtn", bits, group
+
+
+def kernel_format(name: str) -> str:
+    """The packed format an option runs with: GPTQ's codes sit on the same grid as RTN's (one latency rate)."""
+    _, bits, group = parse_option(name)
+    return option_name(bits, group)
 
 
 def packed_bytes(rows: int, columns: int, bits: int, group: int) -> int:
@@ -61,29 +82,37 @@ class SlimlmTarget:
         inside = SHORT_NAMES[short]
         return sum(linear.weight.numel() for name, linear in self.linears if name.endswith("." + inside))
 
-    def items(self) -> list[Item]:
+    def items(self, probe=None) -> list[Item]:
+        """One item per projection kind; its options every grid its inputs allow, by RTN, and by GPTQ when a probe
+        (the Hessians GPTQ needs) is given and "gptq" is not excluded."""
+        methods = [m for m in QUANTIZERS if m not in self.exclude and (m == "rtn" or probe is not None)]
         items = []
         for short, inside in SHORT_NAMES.items():
             members = [(name, linear) for name, linear in self.linears if name.endswith("." + inside)]
             options = [
-                self._option(members, bits, group)
+                self._option(members, bits, group, method, probe)
+                for method in methods
                 for bits in BITS
                 for group in GROUPS
                 if all(linear.in_features % group == 0 for _, linear in members)
-                and option_name(bits, group) not in self.exclude
+                and option_name(bits, group, method) not in self.exclude
             ]
             reference = [o.name for o in options].index(REFERENCE)
             items.append(Item(short, options, reference))
         return items
 
-    def _option(self, members, bits: int, group: int) -> Option:
+    def _option(self, members, bits: int, group: int, method: str, probe) -> Option:
         grid = QuantGrid(bits, True, group)
         size = sum(packed_bytes(*linear.weight.shape, bits, group) for _, linear in members)
 
         def weights() -> dict[str, torch.Tensor]:
+            if method == "gptq":  # each Linear on its own, from the original's inputs (the stage is sequential)
+                return {
+                    name: GPTQ(lin.weight, probe.hessians[name], grid).quantize().dequantize() for name, lin in members
+                }
             return {name: quantize_codes(linear.weight, grid).dequantize() for name, linear in members}
 
-        return Option(option_name(bits, group), size, weights)
+        return Option(option_name(bits, group, method), size, weights)
 
     def fixed_bytes(self, items: list[Item]):
         """The folder's weight bytes besides the packed Linears: every other unique tensor in the recipe's dtype,
@@ -101,8 +130,8 @@ class SlimlmTarget:
             by_format.setdefault(name, []).append(short)
         stages = []
         for name, targets in sorted(by_format.items()):
-            bits, group = (int(x) for x in name[1:].split("g"))
-            stages.append({"quantize": {"method": "rtn", "bits": bits, "group_size": group, "targets": targets}})
+            method, bits, group = parse_option(name)
+            stages.append({"quantize": {"method": method, "bits": bits, "group_size": group, "targets": targets}})
         return {
             "model": model,
             "dtype": self.dtype,
@@ -117,11 +146,11 @@ class SlimlmTarget:
         model and of one model per format with every projection group that allows it at that format."""
         if self._latency is None:
             items = self.items()
-            names = [self.dtype, *sorted({o.name for item in items for o in item.options})]
+            names = [self.dtype, *sorted({kernel_format(o.name) for item in items for o in item.options})]
             measured, compositions = {}, {}
             with progress_bar("auto: decode latency (slimlm kernels)", total=len(names)) as advance:
                 for name in names:
-                    groups = [i.name for i in items if name in {o.name for o in i.options}]
+                    groups = [i.name for i in items if name in {kernel_format(o.name) for o in i.options}]
                     measured[name] = self._timed(f"uniform|{name}", lambda n=name, g=groups: self._uniform(n, g))
                     at_format = sum(self._group_params(short) for short in groups)
                     compositions[name] = {name: at_format, self.dtype: self._all_params() - at_format}
@@ -134,7 +163,7 @@ class SlimlmTarget:
 
     def item_latency(self, item: Item) -> list[float]:
         params = self._group_params(item.name)
-        return [self.latency_model().item_ms(params, o.name) for o in item.options]
+        return [self.latency_model().item_ms(params, kernel_format(o.name)) for o in item.options]
 
     def decode(self, path: Path, formats: dict[str, str] | None = None) -> dict:
         """slimlm's decode speed of the model saved in `path`, and the latency model's prediction for `formats`."""
@@ -147,7 +176,8 @@ class SlimlmTarget:
         if formats:
             composition: dict[str, int] = {}
             for short, name in formats.items():
-                composition[name] = composition.get(name, 0) + self._group_params(short)
+                kernel = kernel_format(name)
+                composition[kernel] = composition.get(kernel, 0) + self._group_params(short)
             predicted = self.latency_model().predict(composition)
         return figures | {"predicted_ms_per_token": predicted}
 
