@@ -64,7 +64,7 @@ def test_a_budget_below_the_smallest_output_is_one_line(tiny_model_dir, tmp_path
         (["--budget", "70MB", "--target", "onnx"], "error: --target 'onnx': not one of gguf, slimlm"),
         (
             ["--budget", "70MB", "--target", "slimlm", "--recover", "1000"],
-            "error: --recover 1000: recovery follows layer removal, which only --target gguf searches",
+            "error: --recover 1000: built for --target gguf",
         ),
         (
             ["--budget", "70MB", "--recover", "1000", "--max-removed", "0"],

@@ -13,16 +13,19 @@ from slimlm.models import save_model
 from slimlm.recipe import parse_recipe
 
 
-def test_predicted_folder_size_is_the_saved_ones(tiny_model, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("removed", [(), (1,)])
+def test_predicted_folder_size_is_the_saved_ones(tiny_model, tiny_tokenizer, tmp_path, removed):
     target = SlimlmTarget(tiny_model, dtype="float32")
     items = target.items()
     formats = {item.name: ("w4g32" if i % 2 else "w2g64") for i, item in enumerate(items)}
-    predicted = target.fixed_bytes(items)(frozenset()) + sum(
+    share = 1 - len(removed) / len(tiny_model.model.layers)  # every layer's Linears of a kind are alike
+    predicted = target.fixed_bytes(items)(frozenset(removed)) + share * sum(
         next(o.bytes for o in item.options if o.name == formats[item.name]) for item in items
     )
-    recipe = parse_recipe(target.recipe(formats, "m", {}, {}, tmp_path))
+    recipe = parse_recipe(target.recipe(formats, "m", {}, {}, tmp_path, removed))
+    assert [s.name for s in recipe.stages][: len(removed)] == ["prune_depth"] * bool(removed)
     for stage in recipe.stages:
-        run_stage(tiny_model, "quantize", **stage.options.model_dump(exclude_unset=True))
+        run_stage(tiny_model, stage.name, **stage.options.model_dump(exclude_unset=True))
     save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
     actual = size_on_disk(tmp_path / "model")
     assert abs(predicted - actual) / actual < 0.01, (predicted, actual)
@@ -72,6 +75,22 @@ def test_allocation_removes_the_cheapest_layer_when_that_beats_smaller_formats()
     assert no_removal.removed == () and no_removal.proxy == pytest.approx(2.0)
 
 
+def test_removing_a_layer_shrinks_the_groups_that_span_it():
+    options = [Option(n, size, lambda: {}) for n, size in (("big", 40), ("small", 16))]
+    groups = [Item(f"g{k}", options, 0, layers=(0, 1, 2, 3)) for k in range(2)]  # 4 layers, 10 or 4 bytes each
+    costs = Costs(groups, [[0.0, 1.0], [0.0, 2.0]], removal={0: 0.5, 1: 9.0, 2: 9.0, 3: 9.0})
+    sizes = size_resource(costs, lambda removed: 0)
+    # 60 bytes: both big (80) too much; one small (56) costs 1.0; without layer 0 both big take 60, cost 0.5
+    best = allocate(costs, budget=60, limit=sizes, max_removed=1, count=2)[0]
+    assert best.removed == (0,) and best.formats == {"g0": "big", "g1": "big"}
+    assert best.bytes == 60 and best.proxy == pytest.approx(0.5)
+    kept = allocate(costs, budget=60, limit=sizes, max_removed=0, count=1)[0]
+    assert kept.formats == {"g0": "small", "g1": "big"} and kept.bytes == 56 and kept.proxy == pytest.approx(1.0)
+    # with 3 of 4 layers left, a group's cost is 3/4 of the measured one
+    smaller = allocate(costs, budget=42, limit=sizes, max_removed=1, count=4)
+    assert min(s.proxy for s in smaller if s.removed == (0,)) == pytest.approx(0.5 + 0.75 * 1.0)
+
+
 def test_uniform_solution_prices_every_item_at_one_format():
     costs = _synthetic_costs()
     solution = uniform_solution(costs, "small", [size_resource(costs, lambda removed: 2)])
@@ -115,3 +134,12 @@ def test_gptq_options_come_with_a_probe_and_beat_rtn_on_output_error(tiny_model)
     assert all(
         not o.name.startswith("gptq") for o in SlimlmTarget(tiny_model, exclude=["gptq"]).items(probe)[0].options
     )
+
+
+def test_allocation_without_removal_figures_and_never_removing_every_layer():
+    costs = _synthetic_costs()
+    sizes = size_resource(costs, lambda removed: 2)
+    assert allocate(Costs(costs.items, costs.costs), budget=100, limit=sizes, max_removed=4, count=1)[0].removed == ()
+    nothing_fixed = size_resource(costs, lambda removed: 0)
+    # 0 bytes: only a model with all 3 layers removed would fit, and that is no model
+    assert allocate(costs, budget=0, limit=nothing_fixed, max_removed=3, count=10) == []

@@ -66,25 +66,37 @@ def allocate(
     a layer removal's cost that counts (below 1 when recovery follows)."""
     order = sorted(costs.removal, key=costs.removal.get)
     found: list[Solution] = []
-    for r in range(min(max_removed, len(order)) + 1):
+    for r in range(max(0, min(max_removed, len(order) - 1)) + 1):  # one layer at least must stay
         removed = frozenset(order[:r])
-        kept = [i for i, item in enumerate(costs.items) if item.layer not in removed]
-        item_costs = [costs.costs[i] for i in kept]
-        amounts = [limit.amounts[i] for i in kept]
+        shares = {i: kept_share(item, removed) for i, item in enumerate(costs.items)}
+        kept = [i for i, share in shares.items() if share > 0]
+        item_costs = [[c * shares[i] for c in costs.costs[i]] for i in kept]
+        amounts = [[a * shares[i] for a in limit.amounts[i]] for i in kept]
         room = budget - limit.fixed(removed)
         removal_cost = sum(costs.removal[layer] for layer in removed)
         for choice in knapsack.candidates(item_costs, amounts, room, count=count, resolution=limit.resolution):
             picked = dict(zip(kept, choice, strict=True))
             formats = {costs.items[i].name: costs.items[i].options[j].name for i, j in picked.items()}
             proxy = removal_weight * removal_cost + knapsack.total(item_costs, choice)
-            predicted = _predicted([limit, *also], picked, removed)
+            predicted = _predicted([limit, *also], picked, removed, shares)
             found.append(Solution(formats, tuple(sorted(removed)), proxy, predicted, removal_cost, removal_weight))
     found.sort(key=lambda s: s.proxy)
     return found[:count]
 
 
-def _predicted(resources: Sequence[Resource], picked: dict[int, int], removed: frozenset[int]) -> dict[str, float]:
-    return {r.name: r.fixed(removed) + sum(r.amounts[i][j] for i, j in picked.items()) for r in resources}
+def kept_share(item, removed: frozenset[int]) -> float:
+    """What is left of an item once `removed` layers are gone: all or nothing for one module, the share of its
+    layers kept for a group of modules (every layer's module of a kind has one shape: its bytes and time scale
+    with the count; its cost is taken to scale the same way)."""
+    if item.layers:
+        return sum(layer not in removed for layer in item.layers) / len(item.layers)
+    return 0.0 if item.layer in removed else 1.0
+
+
+def _predicted(
+    resources: Sequence[Resource], picked: dict[int, int], removed: frozenset[int], shares: dict[int, float]
+) -> dict[str, float]:
+    return {r.name: r.fixed(removed) + sum(r.amounts[i][j] * shares[i] for i, j in picked.items()) for r in resources}
 
 
 def uniform_solution(costs: Costs, option: str, resources: Sequence[Resource]) -> Solution | None:
@@ -97,4 +109,4 @@ def uniform_solution(costs: Costs, option: str, resources: Sequence[Resource]) -
         picked[index] = names.index(option)
     proxy = sum(costs.costs[i][j] for i, j in picked.items())
     formats = {costs.items[i].name: option for i in picked}
-    return Solution(formats, (), proxy, _predicted(resources, picked, frozenset()))
+    return Solution(formats, (), proxy, _predicted(resources, picked, frozenset(), dict.fromkeys(picked, 1.0)))

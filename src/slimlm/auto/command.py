@@ -16,7 +16,7 @@ def auto_command(
     output: str = typer.Option("runs/auto", "--output", help="Folder for the report, the model and the recipe."),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --output (same settings)."),
     candidates: int = typer.Option(4, "--candidates", min=1, help="Solutions verified by real evaluation."),
-    max_removed: int = typer.Option(4, "--max-removed", min=0, help="gguf: decoder layers the search may remove."),
+    max_removed: int = typer.Option(4, "--max-removed", min=0, help="Decoder layers the search may remove."),
     calib_samples: int = typer.Option(2, "--calib-samples", min=1, help="Calibration windows for the sensitivity."),
     calib_seq_len: int = typer.Option(256, "--calib-seq-len", min=8, help="Tokens per calibration window."),
     eval_chunks: int = typer.Option(8, "--eval-chunks", min=1, help="WikiText-2 chunks of 512 tokens per score."),

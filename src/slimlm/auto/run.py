@@ -176,16 +176,17 @@ def sensitivity_costs(settings: AutoSettings, loaded, target) -> tuple[Costs, Co
         ]
     )
     cache = CostCache(cache_dir() / "auto" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl")
-    removable = list(range(probe.layers)) if target.name == "gguf" and settings.max_removed else []
+    removable = list(range(probe.layers)) if settings.max_removed else []
     return measure(probe, target.items(probe), cache, removable), cache
 
 
 def _check_recover(settings: AutoSettings) -> None:
     if settings.recover is None:
         return
-    if settings.target != "gguf":
+    if settings.target != "gguf":  # the slimlm target's recipes hold the model in bfloat16, too coarse to train
         raise SlimlmError(
-            f"--recover {settings.recover}: recovery follows layer removal, which only --target gguf searches"
+            f"--recover {settings.recover}: built for --target gguf (distillation of the float32 model before "
+            "llama-quantize); --target slimlm recipes hold bfloat16 weights"
         )
     if settings.recover <= 0:
         raise SlimlmError(f"--recover {settings.recover}: give a positive number of training tokens")
@@ -307,6 +308,7 @@ def _score_slimlm(settings, target, solution, folder: Path, loaded) -> dict:
         {"data": settings.calib_data, "samples": settings.calib_samples, "seq_len": settings.calib_seq_len},
         {"tasks": ["wikitext2"], "seq_len": 512, "limit": settings.eval_chunks, "speed": False},
         folder,
+        tuple(solution.removed),
     )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

@@ -45,6 +45,7 @@ class Item:
     reference: int = 0  # the option whose KL is measured
     layer: int | None = None  # the decoder layer it is in (None: the embedding)
     direct: bool = False  # measure every option's KL (the embedding: no Hessian of its own)
+    layers: tuple[int, ...] = ()  # a group's decoder layers (allocate.kept_share: what removing some leaves)
 
     @property
     def sizes(self) -> list[int]:

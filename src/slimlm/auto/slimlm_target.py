@@ -12,6 +12,8 @@ grid.py), each by RTN (``w4g64``) and by GPTQ (``gptq-w4g64``; ``--exclude gptq`
 GPTQ option's weights for the proxy are each Linear solved alone from the probe's Hessian of the original's
 inputs; the recipe's gptq stage is sequential (later layers see earlier ones quantized) and weights v_proj's
 Hessian by attention, so the proxy is an estimate of it, checked by the real evaluation like every candidate.
+Decoder layers removed (the probe's KL of each left out, as for gguf) go first in the recipe (`prune_depth` by
+name); a group's bytes, time and cost then scale with the share of its layers kept (allocate.kept_share).
 Size: the folder's weight bytes (safetensors), the packed codes at their bit width plus a float16 scale per group
 (the same for both quantizers), the rest (embedding, norms) in the recipe's dtype.
 
@@ -31,7 +33,7 @@ import torch
 
 from slimlm.auto.latency import LatencyModel, cached
 from slimlm.auto.sensitivity import Item, Option
-from slimlm.modules import SHORT_NAMES, named_decoder_linears
+from slimlm.modules import SHORT_NAMES, decoder_layers, named_decoder_linears
 from slimlm.progress import progress_bar
 from slimlm.quantize.gptq import GPTQ
 from slimlm.quantize.grid import QuantGrid, quantize_codes
@@ -98,7 +100,7 @@ class SlimlmTarget:
                 and option_name(bits, group, method) not in self.exclude
             ]
             reference = [o.name for o in options].index(REFERENCE)
-            items.append(Item(short, options, reference))
+            items.append(Item(short, options, reference, layers=tuple(range(len(decoder_layers(self.model))))))
         return items
 
     def _option(self, members, bits: int, group: int, method: str, probe) -> Option:
@@ -115,20 +117,36 @@ class SlimlmTarget:
         return Option(option_name(bits, group, method), size, weights)
 
     def fixed_bytes(self, items: list[Item]):
-        """The folder's weight bytes besides the packed Linears: every other unique tensor in the recipe's dtype,
-        norms included, plus the safetensors header (estimated per tensor)."""
+        """removed layers -> the folder's weight bytes besides the packed Linears: every other unique tensor in the
+        recipe's dtype, norms included, plus the safetensors header (estimated per tensor)."""
         linear_weights = {id(linear.weight) for _, linear in self.linears}
         others = {id(p): p for p in self.model.parameters() if id(p) not in linear_weights}
         dense = sum(p.numel() for p in others.values()) * DTYPE_BYTES[self.dtype]
         tensors = len(others) + 2 * len(self.linears)  # qweight and scales per Linear
-        return lambda removed: dense + tensors * _HEADER_PER_TENSOR
+        layers = decoder_layers(self.model)
+        # one layer's share (all alike): its norms, and its tensors' header entries (2 per Linear, 1 per norm)
+        norms = [p for p in layers[0].parameters() if id(p) not in linear_weights]
+        per_layer = sum(p.numel() for p in norms) * DTYPE_BYTES[self.dtype]
+        per_layer_tensors = len(norms) + 2 * len(self.linears) // len(layers)
+        return lambda removed: (
+            dense - len(removed) * per_layer + (tensors - len(removed) * per_layer_tensors) * _HEADER_PER_TENSOR
+        )
 
-    def recipe(self, formats: dict[str, str], model: str, calibration: dict, evaluate: dict, output: Path) -> dict:
-        """The recipe (as YAML data) that quantizes every projection kind to its format: one stage per format."""
+    def recipe(
+        self,
+        formats: dict[str, str],
+        model: str,
+        calibration: dict,
+        evaluate: dict,
+        output: Path,
+        removed: tuple[int, ...] = (),
+    ) -> dict:
+        """The recipe (as YAML data) that removes the `removed` decoder layers, then quantizes every projection kind
+        to its format: one stage per format."""
         by_format: dict[str, list[str]] = {}
         for short, name in formats.items():
             by_format.setdefault(name, []).append(short)
-        stages = []
+        stages = [{"prune_depth": {"layers": sorted(removed)}}] if removed else []
         for name, targets in sorted(by_format.items()):
             method, bits, group = parse_option(name)
             stages.append({"quantize": {"method": method, "bits": bits, "group_size": group, "targets": targets}})
