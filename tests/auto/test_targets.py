@@ -1,14 +1,17 @@
 """The slimlm target's predicted folder size against a real packed save, its recipe runs; allocation with layer
 removal picks the cheap layers and fits the budget."""
 
+import copy
+
 import pytest
 
 from conftest import random_windows, run_stage
 from slimlm.auto.allocate import allocate, size_resource, uniform_solution
 from slimlm.auto.probe import Probe
 from slimlm.auto.sensitivity import Costs, Item, Option
-from slimlm.auto.slimlm_target import SlimlmTarget
+from slimlm.auto.slimlm_target import SlimlmTarget, parse_option
 from slimlm.evaluate.footprint import size_on_disk
+from slimlm.lowrank.layers import CompensatedLinear
 from slimlm.models import save_model
 from slimlm.recipe import parse_recipe
 
@@ -143,3 +146,26 @@ def test_allocation_without_removal_figures_and_never_removing_every_layer():
     nothing_fixed = size_resource(costs, lambda removed: 0)
     # 0 bytes: only a model with all 3 layers removed would fit, and that is no model
     assert allocate(costs, budget=0, limit=nothing_fixed, max_removed=3, count=10) == []
+
+
+def test_eora_options_pay_bytes_for_less_output_error_and_end_the_recipe(tiny_model, tmp_path):
+    probe = Probe(tiny_model, random_windows(tiny_model, 2, 32))
+    target = SlimlmTarget(tiny_model)
+    for item in target.items(probe):
+        options = {o.name: o for o in item.options}
+        assert {parse_option(name)[1] for name in options if "+eora" in name} == {2, 3}  # not on 4 or 8 bits
+        plain, compensated = options["w2g32"], options["w2g32+eora16"]
+        members = [lin for name, lin in target.linears if name.endswith(item.name)]
+        factors = sum(16 * (lin.in_features + lin.out_features) * 2 for lin in members)
+        assert compensated.bytes - plain.bytes == factors + 2 * len(members) * 112  # float16 factors, their headers
+        error = {o.name: sum(probe.output_error(n, w) for n, w in o.weights().items()) for o in (plain, compensated)}
+        assert error[compensated.name] < error[plain.name]
+    formats = {short: "w4g64" for short in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    formats |= {"gate_proj": "gptq-w2g32+eora16", "up_proj": "w2g32+eora16", "down_proj": "w3g64"}
+    recipe = target.recipe(formats, "m", {}, {}, tmp_path)
+    assert recipe["stages"][-1] == {"lowrank": {"method": "eora", "rank": 16, "targets": ["gate_proj", "up_proj"]}}
+    original = copy.deepcopy(tiny_model)
+    for stage in parse_recipe(recipe).stages:  # the stages run one after another on the model
+        run_stage(tiny_model, stage.name, original=original, **stage.options.model_dump(exclude_unset=True))
+    up = tiny_model.model.layers[0].mlp.up_proj
+    assert isinstance(up, CompensatedLinear) and up.rank == 16

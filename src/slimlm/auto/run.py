@@ -48,7 +48,9 @@ class AutoSettings:
     # gguf: llama.cpp types scored beside (default GGUF_BASELINES); slimlm: uniform formats (SLIMLM_UNIFORM)
     baselines: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)  # formats the search may not use (e.g. Q4_1)
-    work: str | None = None  # gguf: f32/uniform/baseline GGUFs and their scores (default <output>/work; shareable)
+    # gguf: f32/uniform/baseline GGUFs and their scores (default <output>/work); slimlm: decode timings (default
+    # <output>); shareable between runs
+    work: str | None = None
     # gguf: time every row and the uniform files with llama-bench (latency budgets need it). Off in tests that do
     # not look at speed: on a busy 2-core machine a 2-thread llama-bench of a tiny model can take minutes
     decode: bool = True
@@ -74,7 +76,8 @@ def _target(settings: AutoSettings, loaded, out: Path):
     if settings.target == "slimlm":
         from slimlm.auto.slimlm_target import SlimlmTarget
 
-        return SlimlmTarget(loaded.model, exclude=settings.exclude, work=out)
+        # its decode timings (latency.json) in the work folder: runs at several budgets share them
+        return SlimlmTarget(loaded.model, exclude=settings.exclude, work=Path(settings.work) if settings.work else out)
     raise SlimlmError(f"--target {settings.target!r}: not one of gguf, slimlm")
 
 

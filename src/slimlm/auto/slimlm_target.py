@@ -12,6 +12,9 @@ grid.py), each by RTN (``w4g64``) and by GPTQ (``gptq-w4g64``; ``--exclude gptq`
 GPTQ option's weights for the proxy are each Linear solved alone from the probe's Hessian of the original's
 inputs; the recipe's gptq stage is sequential (later layers see earlier ones quantized) and weights v_proj's
 Hessian by attention, so the proxy is an estimate of it, checked by the real evaluation like every candidate.
+The 2- and 3-bit grids also come with an EoRA correction of rank 16 (``w2g64+eora16``; ``--exclude eora``): its
+factors (float16, rank × (in + out) per Linear) fitted to the probe's Hessians for the proxy, by one `lowrank`
+eora stage after the quantize stages in the recipe; their time is priced at the dense dtype's rate.
 Decoder layers removed (the probe's KL of each left out, as for gguf) go first in the recipe (`prune_depth` by
 name); a group's bytes, time and cost then scale with the share of its layers kept (allocate.kept_share).
 Size: the folder's weight bytes (safetensors), the packed codes at their bit width plus a float16 scale per group
@@ -33,6 +36,7 @@ import torch
 
 from slimlm.auto.latency import LatencyModel, cached
 from slimlm.auto.sensitivity import Item, Option
+from slimlm.lowrank.factorize import eora_factors
 from slimlm.modules import SHORT_NAMES, decoder_layers, named_decoder_linears
 from slimlm.progress import progress_bar
 from slimlm.quantize.gptq import GPTQ
@@ -40,6 +44,7 @@ from slimlm.quantize.grid import QuantGrid, quantize_codes
 from slimlm.quantize.packed import packed_columns
 
 QUANTIZERS = ("rtn", "gptq")
+EORA_RANK, EORA_BITS = 16, (2, 3)  # EoRA is offered on the grids coarse enough for a correction to pay
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
 REFERENCE = "w4g64"
@@ -48,22 +53,30 @@ DECODE = {"prompt_tokens": 16, "new_tokens": 32, "runs": 3}  # per timed model: 
 _HEADER_PER_TENSOR = 112  # safetensors JSON header per tensor (name, dtype, shape, offsets): ~99-110 measured
 
 
-def option_name(bits: int, group: int, method: str = "rtn") -> str:
-    """w4g64 (RTN), gptq-w4g64 (GPTQ): the quantizer, then the grid."""
-    return f"w{bits}g{group}" if method == "rtn" else f"{method}-w{bits}g{group}"
+def option_name(bits: int, group: int, method: str = "rtn", rank: int = 0) -> str:
+    """w4g64 (RTN), gptq-w4g64 (GPTQ), w2g64+eora16 (with an EoRA correction of rank 16)."""
+    name = f"w{bits}g{group}" if method == "rtn" else f"{method}-w{bits}g{group}"
+    return f"{name}+eora{rank}" if rank else name
 
 
-def parse_option(name: str) -> tuple[str, int, int]:
-    """The option name's (method, bits, group size)."""
+def parse_option(name: str) -> tuple[str, int, int, int]:
+    """The option name's (method, bits, group size, EoRA rank or 0)."""
+    name, _, eora = name.partition("+eora")
     method, _, grid = name.rpartition("-")
     bits, group = (int(x) for x in grid[1:].split("g"))
-    return method or "rtn", bits, group
+    return method or "rtn", bits, group, int(eora or 0)
 
 
 def kernel_format(name: str) -> str:
     """The packed format an option runs with: GPTQ's codes sit on the same grid as RTN's (one latency rate)."""
-    _, bits, group = parse_option(name)
+    _, bits, group, _ = parse_option(name)
     return option_name(bits, group)
+
+
+def lowrank_params(name: str, members) -> int:
+    """The EoRA factors' parameters of an option over the Linears `members` (0 without EoRA)."""
+    rank = parse_option(name)[3]
+    return sum(rank * (linear.in_features + linear.out_features) for _, linear in members)
 
 
 def packed_bytes(rows: int, columns: int, bits: int, group: int) -> int:
@@ -80,41 +93,53 @@ class SlimlmTarget:
         self.work = work  # where latency.json is kept (None: the timings are not kept)
         self._latency: LatencyModel | None = None
 
+    def _members(self, short: str) -> list:
+        """(name, Linear) of every decoder layer's projection of kind `short`."""
+        return [(name, linear) for name, linear in self.linears if name.endswith("." + SHORT_NAMES[short])]
+
     def _group_params(self, short: str) -> int:
-        inside = SHORT_NAMES[short]
-        return sum(linear.weight.numel() for name, linear in self.linears if name.endswith("." + inside))
+        return sum(linear.weight.numel() for _, linear in self._members(short))
 
     def items(self, probe=None) -> list[Item]:
-        """One item per projection kind; its options every grid its inputs allow, by RTN, and by GPTQ when a probe
-        (the Hessians GPTQ needs) is given and "gptq" is not excluded."""
-        methods = [m for m in QUANTIZERS if m not in self.exclude and (m == "rtn" or probe is not None)]
+        """One item per projection kind; its options every grid its inputs allow, by RTN, and by GPTQ and with an
+        EoRA correction when a probe (the Hessians they need) is given and "gptq" / "eora" are not excluded."""
+        with_probe = {"gptq", "eora"} - self.exclude if probe is not None else set()
+        methods = [m for m in QUANTIZERS if m not in self.exclude and (m == "rtn" or m in with_probe)]
         items = []
-        for short, inside in SHORT_NAMES.items():
-            members = [(name, linear) for name, linear in self.linears if name.endswith("." + inside)]
+        for short in SHORT_NAMES:
+            members = self._members(short)
             options = [
-                self._option(members, bits, group, method, probe)
+                self._option(members, bits, group, method, rank, probe)
                 for method in methods
                 for bits in BITS
                 for group in GROUPS
-                if all(linear.in_features % group == 0 for _, linear in members)
-                and option_name(bits, group, method) not in self.exclude
+                for rank in ((0, EORA_RANK) if "eora" in with_probe and bits in EORA_BITS else (0,))
+                if all(linear.in_features % group == 0 and rank < min(linear.weight.shape) for _, linear in members)
+                and option_name(bits, group, method, rank) not in self.exclude
             ]
             reference = [o.name for o in options].index(REFERENCE)
             items.append(Item(short, options, reference, layers=tuple(range(len(decoder_layers(self.model))))))
         return items
 
-    def _option(self, members, bits: int, group: int, method: str, probe) -> Option:
+    def _option(self, members, bits: int, group: int, method: str, rank: int, probe) -> Option:
         grid = QuantGrid(bits, True, group)
-        size = sum(packed_bytes(*linear.weight.shape, bits, group) for _, linear in members)
+        name = option_name(bits, group, method, rank)
+        factors = lowrank_params(name, members) * 2 + (2 * len(members) * _HEADER_PER_TENSOR if rank else 0)
+        size = sum(packed_bytes(*linear.weight.shape, bits, group) for _, linear in members) + factors
 
         def weights() -> dict[str, torch.Tensor]:
-            if method == "gptq":  # each Linear on its own, from the original's inputs (the stage is sequential)
-                return {
-                    name: GPTQ(lin.weight, probe.hessians[name], grid).quantize().dequantize() for name, lin in members
-                }
-            return {name: quantize_codes(linear.weight, grid).dequantize() for name, linear in members}
+            # each Linear on its own, from the original's inputs (the stages are sequential: an estimate)
+            if method == "gptq":
+                found = {n: GPTQ(lin.weight, probe.hessians[n], grid).quantize().dequantize() for n, lin in members}
+            else:
+                found = {n: quantize_codes(lin.weight, grid).dequantize() for n, lin in members}
+            if rank:
+                for n, lin in members:
+                    a, b = eora_factors(lin.weight.float() - found[n], probe.hessians[n], rank)
+                    found[n] = found[n] + (b.half().float() @ a.half().float())  # the factors as stored (float16)
+            return found
 
-        return Option(option_name(bits, group, method), size, weights)
+        return Option(name, size, weights)
 
     def fixed_bytes(self, items: list[Item]):
         """removed layers -> the folder's weight bytes besides the packed Linears: every other unique tensor in the
@@ -147,9 +172,14 @@ class SlimlmTarget:
         for short, name in formats.items():
             by_format.setdefault(name, []).append(short)
         stages = [{"prune_depth": {"layers": sorted(removed)}}] if removed else []
+        compensated: dict[int, list[str]] = {}
         for name, targets in sorted(by_format.items()):
-            method, bits, group = parse_option(name)
+            method, bits, group, rank = parse_option(name)
             stages.append({"quantize": {"method": method, "bits": bits, "group_size": group, "targets": targets}})
+            if rank:
+                compensated.setdefault(rank, []).extend(targets)
+        for rank, targets in sorted(compensated.items()):  # after every quantize stage: EoRA fits the final error
+            stages.append({"lowrank": {"method": "eora", "rank": rank, "targets": targets}})
         return {
             "model": model,
             "dtype": self.dtype,
@@ -180,8 +210,13 @@ class SlimlmTarget:
         return sum(linear.weight.numel() for _, linear in self.linears)
 
     def item_latency(self, item: Item) -> list[float]:
-        params = self._group_params(item.name)
-        return [self.latency_model().item_ms(params, kernel_format(o.name)) for o in item.options]
+        """Each option's ms/token: its packed format's rate, and an EoRA correction's factors at the dense rate."""
+        params, model = self._group_params(item.name), self.latency_model()
+        members = self._members(item.name)
+        return [
+            model.item_ms(params, kernel_format(o.name)) + model.item_ms(lowrank_params(o.name, members), self.dtype)
+            for o in item.options
+        ]
 
     def decode(self, path: Path, formats: dict[str, str] | None = None) -> dict:
         """slimlm's decode speed of the model saved in `path`, and the latency model's prediction for `formats`."""
@@ -196,6 +231,8 @@ class SlimlmTarget:
             for short, name in formats.items():
                 kernel = kernel_format(name)
                 composition[kernel] = composition.get(kernel, 0) + self._group_params(short)
+                extra = lowrank_params(name, self._members(short))
+                composition[self.dtype] = composition.get(self.dtype, 0) + extra
             predicted = self.latency_model().predict(composition)
         return figures | {"predicted_ms_per_token": predicted}
 
