@@ -146,6 +146,7 @@ def main() -> None:
     parser.add_argument("--imatrix", action="store_true", help="also llama.cpp types with an importance matrix")
     parser.add_argument("--decode-only", action="store_true", help="time every GGUF of the work folder, then stop")
     parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (1: timings robust to a busy CPU)")
+    parser.add_argument("--recover", type=int, help="slimlm auto --recover TOKENS (give the budgets a --tag too)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-auto-bench"))
     parser.add_argument("--out", type=Path, default=RESULTS / "auto.json")
     args = parser.parse_args()
@@ -167,6 +168,7 @@ def main() -> None:
             exclude=[x for x in args.exclude.split(",") if x],
             resume=True,
             threads=args.threads,
+            recover=args.recover,
         )
         label, settings.budget = budget_text(name, args.work / "shared", args.threads)
         load, started = os.getloadavg()[0], (time.process_time(), time.perf_counter())
@@ -184,6 +186,7 @@ def main() -> None:
             "loadavg_1min_after": os.getloadavg()[0],
             "spearman_proxy_vs_kld": summary.get("spearman_proxy_vs_kld"),
             "latency_model": summary.get("latency_model"),
+            "recovery": summary.get("recovery"),
             "rows": [{k: v for k, v in r.items() if k != "formats"} | _mix(r) for r in summary["rows"]],
             "report": str(Path(settings.output) / "report.md"),
             "protocol": _protocol(args),  # per budget: budgets run on other days may differ (threads)
