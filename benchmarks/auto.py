@@ -17,7 +17,7 @@ and perplexity against the f32 GGUF's log-probs (``--kl-divergence-base``); deco
 -n 64 -r 5 -t T`` (tok/s mean, ms/token the median repetition; kept in <work>/shared/latency.json with the load
 average). Under a latency budget a row fits when its *measured* ms/token does. ``--decode-only`` times every GGUF
 of the work folder into that cache and stops: run it on a quiet machine first, the search then reuses the figures.
-Not measured here (said in the output): task scores (TriviaQA).
+Task scores (TriviaQA, SST-2) of the chosen files: benchmarks/auto_tasks.py, from this script's JSON.
 
     python benchmarks/auto.py [--chunks 8] [--budgets Q4_K_M,Q4_0,Q2_K,70MB,Q4_0-latency] [--imatrix] [--work DIR]
 """
@@ -86,7 +86,7 @@ def imatrix_rows(work: Path, chunks: int, settings: AutoSettings) -> list[dict]:
         path = work / "llama" / f"{name}-imatrix.gguf"
         if not path.is_file():
             run_quantize(work / "f32.gguf", path, name, imatrix=matrix)
-        rows.append({"label": f"llama.cpp {name} + imatrix"} | target.score(path, text, chunks))
+        rows.append({"label": f"llama.cpp {name} + imatrix", "path": str(path)} | target.score(path, text, chunks))
     return rows
 
 
@@ -233,7 +233,7 @@ def _protocol(args) -> dict:
         "decode": f"llama-bench -p 0 -n 64 -r 5 -t {args.threads}: tok/s mean ± sd, ms/token the median repetition, "
         "load average recorded per file; predicted ms/token: Σ matrix params × a rate per type fitted on the f32 "
         "and uniform files",
-        "not_measured": "task scores (TriviaQA)",
+        "tasks": "benchmarks/auto_tasks.py (TriviaQA 5-shot EM, SST-2 accuracy of the chosen files)",
         "pid": os.getpid(),
     }
 

@@ -1,8 +1,9 @@
 """Task scores of the `slimlm auto` benchmark's GGUF files (issue 15 §2: "also TriviaQA/task scores").
 
 For each size budget of results/auto.json: the searched recipe (its best candidate), the best uniform mix that fits
-the budget and llama.cpp's own type of that name, plus the f32 export (the reference) and a broken reference (the
-f32 model with 50 % of every decoder Linear's weights magnitude-pruned), so that a task which cannot tell the
+the budget and llama.cpp's own type of that name (also with its importance matrix, where auto.py --imatrix ran),
+plus the f32 export (the reference) and a broken reference (the f32 model with 50 % of every decoder Linear's
+weights magnitude-pruned), so that a task which cannot tell the
 original from a broken model is visible as such.
 
 Each GGUF is loaded by slimlm (transformers' GGUF reader, gguf-py's dequantization: the exact weights llama.cpp
@@ -81,7 +82,8 @@ def plan(auto: dict, f32: str) -> list[tuple[str, str, bool, list[str]]]:
         budget = auto["budgets"].get(name)
         if budget is None:
             continue
-        for row in chosen_rows({**budget, "name": name}):
+        imatrix = [r for r in auto.get("imatrix_rows", []) if r["label"] == f"llama.cpp {name} + imatrix"]
+        for row in chosen_rows({**budget, "name": name}) + [r for r in imatrix if r.get("path")]:
             files.setdefault((row["path"], False), []).append(f"{name}: {row['label']}")
     return [(f"{Path(p).name}{' broken' if b else ''}", p, b, labels) for (p, b), labels in files.items()]
 
