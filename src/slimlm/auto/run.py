@@ -159,7 +159,7 @@ def run_auto(settings: AutoSettings) -> dict:
 
 
 def sensitivity_costs(settings: AutoSettings, loaded, target) -> tuple[Costs, CostCache]:
-    """The cost of every (item, option) and of removing each decoder layer (gguf, when --max-removed allows any),
+    """The cost of every (item, option) and of removing each decoder layer (when --max-removed allows any),
     measured on the calibration windows or read from the cache of earlier searches on the same model."""
     from slimlm.data import calibration_windows, load_text
     from slimlm.models import source_fingerprint
