@@ -1,14 +1,14 @@
 """`slimlm auto --target slimlm` on the built-in SmolLM2-135M: the searched recipe (RTN or GPTQ grid per projection
 kind, decoder layers removed) against every uniform slimlm format, all scored by slimlm's own evaluation.
 
-Budgets: the folder sizes of uniform w4g128 and w3g64 (the recipe's dtype, bfloat16, for the rest), and the decode
+Budgets: the folder sizes of uniform w4g64 and w3g64 (the recipe's dtype, bfloat16, for the rest), and the decode
 latency of uniform w4g64 (slimlm's plain decode path with the packed kernels, measured in this run). Rows: the
-candidates, and "uniform F" (every projection RTN at F, the search's own baseline). Scorer for every row: the
+candidates, and "uniform F" (every projection at F: RTN grids, and GPTQ's at 4 and 3 bits). Scorer for every row: the
 recipe's evaluate stage, WikiText-2 test perplexity and KL to the original on `--chunks` windows of 512 tokens;
 decode by evaluate/speed.measure_speed (16-token prompt, 32 new tokens, median of 3 runs, the load average beside).
 Written after every budget (results/auto_slimlm.json); a rerun resumes each budget's scored rows.
 
-    python benchmarks/auto_slimlm.py [--budgets w4g128,w3g64,w4g64-latency] [--chunks 8] [--work DIR]
+    python benchmarks/auto_slimlm.py [--budgets w4g64,w3g64,w4g64-latency] [--chunks 8] [--work DIR]
 """
 
 from __future__ import annotations
@@ -27,12 +27,15 @@ from slimlm.models import load_model
 from slimlm.pipeline import write_json_atomic
 
 MODEL = "smollm2-135m"
+UNIFORM = ("w8g32", "w4g32", "w4g64", "w3g64", "w2g64", "gptq-w4g64", "gptq-w3g64")
 
 
 def budget_text(name: str, target: SlimlmTarget) -> str:
     """A uniform format's predicted folder size, or ``<format>-latency``: its predicted decode ms/token."""
     fmt, latency = name.removesuffix("-latency"), name.endswith("-latency")
     items = target.items()
+    if any(fmt not in {o.name for o in i.options} for i in items):  # SmolLM2's 576 inputs take no g128
+        raise SystemExit(f"--budgets {name}: {fmt} is not a format every projection of {MODEL} allows")
     if latency:
         ms = sum(target.item_latency(i)[[o.name for o in i.options].index(fmt)] for i in items)
         return f"{ms:.4f}ms/token"
@@ -47,7 +50,7 @@ def best(rows: list[dict], prefix: str, key: str, limit: float) -> dict | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--budgets", default="w4g128,w3g64,w4g64-latency")
+    parser.add_argument("--budgets", default="w4g64,w3g64,w4g64-latency")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-auto-slimlm"))
@@ -67,6 +70,7 @@ def main() -> None:
             eval_chunks=args.chunks,
             work=str(args.work / "shared"),
             resume=True,
+            baselines=[*UNIFORM],
         )
         load, started = os.getloadavg()[0], (time.process_time(), time.perf_counter())
         summary = run_auto(settings)

@@ -24,6 +24,8 @@ def _settings(model_dir, tmp_path, **changes):
         "calib_data": write_documents(tmp_path),
         "calib_samples": 2,
         "calib_seq_len": 16,
+        "fit_samples": 2,
+        "fit_seq_len": 32,
         "eval_chunks": 1,
         "baselines": ["w4g32"],
     }

@@ -4,6 +4,7 @@ removal picks the cheap layers and fits the budget."""
 import copy
 
 import pytest
+import torch
 
 from conftest import random_windows, run_stage
 from slimlm.auto.allocate import allocate, size_resource, uniform_solution
@@ -13,6 +14,8 @@ from slimlm.auto.slimlm_target import SlimlmTarget, parse_option
 from slimlm.evaluate.footprint import size_on_disk
 from slimlm.lowrank.layers import CompensatedLinear
 from slimlm.models import save_model
+from slimlm.quantize.gptq import GPTQ
+from slimlm.quantize.grid import QuantGrid
 from slimlm.recipe import parse_recipe
 
 
@@ -169,3 +172,18 @@ def test_eora_options_pay_bytes_for_less_output_error_and_end_the_recipe(tiny_mo
         run_stage(tiny_model, stage.name, original=original, **stage.options.model_dump(exclude_unset=True))
     up = tiny_model.model.layers[0].mlp.up_proj
     assert isinstance(up, CompensatedLinear) and up.rank == 16
+
+
+def test_gptq_fitted_to_other_windows_is_scored_out_of_sample(tiny_model):
+    from slimlm.auto.probe import input_hessians
+
+    probe = Probe(tiny_model, random_windows(tiny_model, 2, 32))
+    fit_windows = random_windows(tiny_model, 2, 32, seed=1)
+    fit = input_hessians(tiny_model, fit_windows)
+    assert fit.keys() == probe.hessians.keys()
+    assert all(torch.allclose(fit[n], Probe(tiny_model, fit_windows).hessians[n]) for n in list(fit)[:3])
+    item = SlimlmTarget(tiny_model).items(probe, fit)[0]
+    gptq = next(o for o in item.options if o.name == "gptq-w2g32")
+    name, linear = next((n, lin) for n, lin in SlimlmTarget(tiny_model).linears if n.endswith(item.name))
+    expected = GPTQ(linear.weight, fit[name], QuantGrid(2, True, 32)).quantize().dequantize()
+    assert torch.equal(gptq.weights()[name], expected)  # solved on the fitting windows, not the probe's

@@ -30,14 +30,9 @@ class Probe:
         self.final = run_layer(decoder_layers(model)[-1], self.inputs[-1])  # the last layer's outputs
         self.reference = self._log_probs(self.final)
 
-    @torch.no_grad()
     def _visit(self, index: int, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
         self.inputs.append(inputs)
-        stats, outputs = observe_and_run(layer, inputs, hessian=True)
-        hessians = {id(s): s.hessian() for s in stats.values()}  # one tensor per shared input
-        for name, s in stats.items():
-            self.hessians[f"model.layers.{index}.{name}"] = hessians[id(s)]
-        return outputs
+        return _layer_hessians(index, layer, inputs, self.hessians)
 
     @torch.no_grad()
     def _log_probs(self, hidden: list[torch.Tensor]) -> torch.Tensor:
@@ -83,6 +78,30 @@ class Probe:
         """tr(ΔW·H·ΔWᵀ) / rows for Linear `name` with `weight` instead of its own."""
         delta = weight.float() - self.modules[name].weight.float()
         return float(((delta @ self.hessians[name]) * delta).sum() / delta.shape[0])
+
+
+@torch.no_grad()
+def _layer_hessians(index: int, layer: nn.Module, inputs: LayerInputs, into: dict) -> list[torch.Tensor]:
+    """Run one decoder layer, putting each of its Linears' input Hessian into `into`; returns its outputs."""
+    stats, outputs = observe_and_run(layer, inputs, hessian=True)
+    hessians = {id(s): s.hessian() for s in stats.values()}  # one tensor per shared input
+    for name, s in stats.items():
+        into[f"model.layers.{index}.{name}"] = hessians[id(s)]
+    return outputs
+
+
+def input_hessians(model: nn.Module, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every decoder Linear's input Hessian 2/n·XᵀX on `windows`, from one calibration walk (nothing else kept):
+    the inputs GPTQ and EoRA fit to, apart from the probe's windows their error is measured on."""
+    hessians: dict[str, torch.Tensor] = {}
+    walk_layers(
+        model,
+        windows,
+        lambda index, layer, inputs: _layer_hessians(index, layer, inputs, hessians),
+        "auto: calibration walk (GPTQ/EoRA fitting windows)",
+        batch_size=windows.shape[0],
+    )
+    return hessians
 
 
 def _layer_of(name: str) -> int:

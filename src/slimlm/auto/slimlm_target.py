@@ -100,16 +100,19 @@ class SlimlmTarget:
     def _group_params(self, short: str) -> int:
         return sum(linear.weight.numel() for _, linear in self._members(short))
 
-    def items(self, probe=None) -> list[Item]:
+    def items(self, probe=None, fit: dict[str, torch.Tensor] | None = None) -> list[Item]:
         """One item per projection kind; its options every grid its inputs allow, by RTN, and by GPTQ and with an
-        EoRA correction when a probe (the Hessians they need) is given and "gptq" / "eora" are not excluded."""
+        EoRA correction when a probe is given and "gptq" / "eora" are not excluded; they are fitted to the input
+        Hessians `fit` (probe.input_hessians of other windows: their error is then measured out of sample) or, without
+        them, to the probe's own."""
+        solve = fit if fit is not None else (probe.hessians if probe is not None else {})
         with_probe = {"gptq", "eora"} - self.exclude if probe is not None else set()
         methods = [m for m in QUANTIZERS if m not in self.exclude and (m == "rtn" or m in with_probe)]
         items = []
         for short in SHORT_NAMES:
             members = self._members(short)
             options = [
-                self._option(members, bits, group, method, rank, probe)
+                self._option(members, bits, group, method, rank, solve)
                 for method in methods
                 for bits in BITS
                 for group in GROUPS
@@ -121,7 +124,7 @@ class SlimlmTarget:
             items.append(Item(short, options, reference, layers=tuple(range(len(decoder_layers(self.model))))))
         return items
 
-    def _option(self, members, bits: int, group: int, method: str, rank: int, probe) -> Option:
+    def _option(self, members, bits: int, group: int, method: str, rank: int, hessians: dict) -> Option:
         grid = QuantGrid(bits, True, group)
         name = option_name(bits, group, method, rank)
         factors = lowrank_params(name, members) * 2 + (2 * len(members) * _HEADER_PER_TENSOR if rank else 0)
@@ -130,12 +133,12 @@ class SlimlmTarget:
         def weights() -> dict[str, torch.Tensor]:
             # each Linear on its own, from the original's inputs (the stages are sequential: an estimate)
             if method == "gptq":
-                found = {n: GPTQ(lin.weight, probe.hessians[n], grid).quantize().dequantize() for n, lin in members}
+                found = {n: GPTQ(lin.weight, hessians[n], grid).quantize().dequantize() for n, lin in members}
             else:
                 found = {n: quantize_codes(lin.weight, grid).dequantize() for n, lin in members}
             if rank:
                 for n, lin in members:
-                    a, b = eora_factors(lin.weight.float() - found[n], probe.hessians[n], rank)
+                    a, b = eora_factors(lin.weight.float() - found[n], hessians[n], rank)
                     found[n] = found[n] + (b.half().float() @ a.half().float())  # the factors as stored (float16)
             return found
 
