@@ -1,0 +1,51 @@
+"""Does the slimlm target's proxy price GPTQ and EoRA options right? For q_proj and down_proj of the built-in model:
+the proxy's cost of an option (the KL of RTN w4g64 measured, carried to the option by its output error) beside the
+option's KL measured directly by the same probe (2 x 256 c4 tokens, seed 0; GPTQ/EoRA fitted on 16 x 512, seed 1).
+Written to results/auto_proxy_check.json.
+
+    python benchmarks/auto_proxy_check.py [--work /tmp/slimlm-auto-slimlm/shared]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import RESULTS
+from slimlm.auto.probe import Probe
+from slimlm.auto.run import AutoSettings, _target, sensitivity_costs
+from slimlm.data import calibration_windows, load_text
+from slimlm.models import load_model
+from slimlm.pipeline import write_json_atomic
+
+OPTIONS = ("w4g64", "gptq-w4g64", "gptq-w3g64", "gptq-w3g64+eora16", "gptq-w3g32+eora16", "w3g64+eora16")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", default="q_proj,down_proj")
+    parser.add_argument("--work", default="/tmp/slimlm-auto-slimlm/shared")
+    args = parser.parse_args()
+    loaded = load_model("smollm2-135m")
+    output = tempfile.mkdtemp(prefix="slimlm-proxy-check-")
+    settings = AutoSettings(model="smollm2-135m", budget="1GB", target="slimlm", output=output, work=args.work)
+    costs, _ = sensitivity_costs(settings, loaded, _target(settings, loaded, Path(output)))
+    windows = calibration_windows(loaded.tokenizer, load_text("c4"), settings.calib_samples, settings.calib_seq_len, 0)
+    probe = Probe(loaded.model, windows)
+    found = {}
+    for item, item_costs in zip(costs.items, costs.costs, strict=True):
+        if item.name in args.items.split(","):
+            names = [o.name for o in item.options]
+            for name in OPTIONS:
+                option, proxy = item.options[names.index(name)], item_costs[names.index(name)]
+                found[f"{item.name} {name}"] = {"proxy": proxy, "direct_kl": probe.kl(option.weights())}
+                print(item.name, name, found[f"{item.name} {name}"], flush=True)
+    write_json_atomic(RESULTS / "auto_proxy_check.json", {"rows": found, "protocol": __doc__.split("\n\n")[0]})
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()
