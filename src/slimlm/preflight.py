@@ -128,11 +128,9 @@ def _prune_depth(where: str, options, shape: Shape) -> Shape:
             )
         return dataclasses.replace(shape, layers=shape.layers - options.remove)
     if options.layers is not None:
-        if max(options.layers) >= shape.layers or len(options.layers) >= shape.layers:
-            raise SlimlmError(
-                f"{where}.layers: {sorted(options.layers)} must name layers of the model's {shape.layers} "
-                f"(0-{shape.layers - 1}) and leave at least one"
-            )
+        from slimlm.prune.depth import check_named_layers
+
+        check_named_layers(options.layers, shape.layers, where)
         return dataclasses.replace(shape, layers=shape.layers - len(options.layers))
     kept = round(options.keep_ratio * shape.layers)
     if kept < 1:

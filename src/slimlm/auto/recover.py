@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from pathlib import Path
 
-from slimlm.export.mixed_types import BASE_TYPE
+from slimlm.export import mixed_types as mixed
 
 # benchmarks/results/auto_recover.json, SmolLM2-135M, 40,960 c4 tokens: 77 %, 69 % and 73 % of the KL left with
 # 1, 2 and 4 layers removed (WikiText-2 KL 0.134 -> 0.103, 0.301 -> 0.210, 0.705 -> 0.515); their mean. Measured at
 # that one token budget: more tokens recover more, by an amount not measured
 REMOVAL_KL_LEFT = 0.73
 BATCH_SIZE, SEQ_LEN, LR = 4, 512, 1e-4
-_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 def recovery_steps(tokens: int) -> int:
@@ -35,21 +33,9 @@ def recovery_steps(tokens: int) -> int:
 
 def renumbered(formats: dict[str, str], removed: list[int]) -> dict[str, str]:
     """`formats` by the module names of the model once `removed` layers are gone (later layers move down)."""
-    gone = sorted(removed)
-
-    def rename(name: str) -> str:
-        match = _LAYER.match(name)
-        if match is None:
-            return name
-        layer = int(match[1])
-        return f"model.layers.{layer - sum(g < layer for g in gone)}.{name[match.end() :]}"
-
-    return {rename(name): t for name, t in formats.items() if not _in(name, gone)}
-
-
-def _in(name: str, layers: list[int]) -> bool:
-    match = _LAYER.match(name)
-    return match is not None and int(match[1]) in layers
+    gone = frozenset(removed)
+    found = {name: mixed.renumbered(name, gone, "model.layers") for name in formats}
+    return {new: formats[name] for name, new in found.items() if new is not None}
 
 
 def recovery_recipe(
@@ -74,7 +60,7 @@ def recovery_recipe(
         "evaluate": {"tasks": [], "speed": False},  # the GGUF is scored by llama-perplexity, as every row
         "stages": [{"prune_depth": {"layers": sorted(removed)}}, {"distill": distill}],
         "export": [
-            {"format": "gguf", "tensor_types": renumbered(formats, removed), "base_type": BASE_TYPE}
+            {"format": "gguf", "tensor_types": renumbered(formats, removed), "base_type": mixed.BASE_TYPE}
             | ({"pre": pre} if pre else {})
         ],
         "output": str(output),

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from slimlm.auto.allocate import Resource, Solution, allocate, size_resource, uniform_solution
 from slimlm.auto.budget import parse_budget
-from slimlm.auto.probe import Probe
+from slimlm.auto.probe import Probe, input_hessians
 from slimlm.auto.recover import REMOVAL_KL_LEFT, recovered_rows
 from slimlm.auto.sensitivity import CostCache, Costs, measure
 from slimlm.errors import SlimlmError
@@ -172,28 +172,22 @@ def sensitivity_costs(settings: AutoSettings, loaded, target) -> tuple[Costs, Co
     from slimlm.data import calibration_windows, load_text
     from slimlm.models import source_fingerprint
 
-    windows = calibration_windows(
-        loaded.tokenizer, load_text(settings.calib_data), settings.calib_samples, settings.calib_seq_len, 0
+    text = load_text(settings.calib_data)
+    probe = Probe(
+        loaded.model, calibration_windows(loaded.tokenizer, text, settings.calib_samples, settings.calib_seq_len, 0)
     )
-    probe = Probe(loaded.model, windows)
     fitted = target.name == "slimlm" and not {"gptq", "eora"} <= set(settings.exclude)
     what = [source_fingerprint(loaded.source), target.name, settings.calib_data, settings.calib_samples]
     what += [settings.calib_seq_len, CACHE_VERSION] + ([settings.fit_samples, settings.fit_seq_len] if fitted else [])
     key = json.dumps(what)
     cache = CostCache(cache_dir() / "auto" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl")
     removable = list(range(probe.layers)) if settings.max_removed else []
-    items = target.items(probe, _fit_hessians(settings, loaded)) if fitted else target.items(probe)
+    if fitted:  # GPTQ and EoRA fit to windows of their own (seed 1): their error is measured out of sample
+        fit = calibration_windows(loaded.tokenizer, text, settings.fit_samples, settings.fit_seq_len, 1)
+        items = target.items(probe, input_hessians(loaded.model, fit))
+    else:
+        items = target.items(probe)
     return measure(probe, items, cache, removable), cache
-
-
-def _fit_hessians(settings: AutoSettings, loaded) -> dict:
-    from slimlm.auto.probe import input_hessians
-    from slimlm.data import calibration_windows, load_text
-
-    text = load_text(settings.calib_data)
-    return input_hessians(
-        loaded.model, calibration_windows(loaded.tokenizer, text, settings.fit_samples, settings.fit_seq_len, 1)
-    )
 
 
 def _check_recover(settings: AutoSettings) -> None:

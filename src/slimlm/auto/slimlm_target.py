@@ -22,8 +22,8 @@ Size: the folder's weight bytes (safetensors), the packed codes at their bit wid
 
 Latency: slimlm's own decode (evaluate/speed.py: greedy, KV cache, the packed kernels, plain path) of one model per
 format with every projection at that format, in memory; a group's ms/token is its share of its format's (its
-parameters × the format's rate: latency.LatencyModel). The figures are kept in ``<output>/latency.json``; the
-candidates are timed the same way from their folders.
+parameters × the format's rate: latency.LatencyModel). The figures are kept in ``<work>/latency.json`` (the
+output folder unless `--work` names a shared one); the candidates are timed the same way from their folders.
 """
 
 from __future__ import annotations

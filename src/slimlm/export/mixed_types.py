@@ -40,7 +40,6 @@ BLOCK32_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL")
 SUPERBLOCK_TYPES = ("Q6_K", "Q5_K", "Q4_K", "Q3_K", "Q2_K")
 TYPES = BLOCK32_TYPES + SUPERBLOCK_TYPES  # every type a tensor of a type map may take
 BASE_TYPE = "Q8_0"  # the matrices a type map does not name
-_BLOCK_NAME = re.compile(r"^blk\.(\d+)\.")
 
 
 def allowed_types(columns: int) -> tuple[str, ...]:
@@ -88,15 +87,16 @@ class SourceLayout:
         return cls(kv_end, tensors, blocks)
 
 
-def renumbered(name: str, removed: frozenset[int]) -> str | None:
-    """The tensor's name after `removed` blocks are pruned (blocks after them move down), or None if pruned."""
-    m = _BLOCK_NAME.match(name)
+def renumbered(name: str, removed: frozenset[int], prefix: str = "blk") -> str | None:
+    """The tensor's name after `removed` blocks are pruned (blocks after them move down), or None if pruned;
+    `prefix`: what precedes the block index (GGUF's ``blk``, transformers' ``model.layers``)."""
+    m = re.match(rf"^{re.escape(prefix)}\.(\d+)\.", name)
     if m is None:
         return name
     block = int(m[1])
     if block in removed:
         return None
-    return f"blk.{block - sum(r < block for r in removed)}." + name[m.end() :]
+    return f"{prefix}.{block - sum(r < block for r in removed)}." + name[m.end() :]
 
 
 def gguf_file_bytes(layout: SourceLayout, types: dict[str, str], removed: frozenset[int] = frozenset()) -> int:

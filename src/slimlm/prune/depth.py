@@ -76,14 +76,20 @@ class DepthOptions(StageOptions):
         return self.block if self.block is not None else self.criterion == "angular"
 
 
+def check_named_layers(layers: list[int], num_layers: int, where: str = "prune_depth") -> None:
+    """`layers` (a recipe's prune_depth.layers) must be layers of a model of `num_layers` and leave at least one;
+    `where`: the option's place in the recipe, for the message (preflight checks it from the config too)."""
+    if max(layers) >= num_layers or len(layers) >= num_layers:
+        raise SlimlmError(
+            f"{where}.layers: {sorted(layers)} must name layers of the model's {num_layers} (0-{num_layers - 1}) "
+            "and leave at least one"
+        )
+
+
 def layers_to_remove(options: DepthOptions, num_layers: int) -> int:
     """The count the options ask for on a model of `num_layers` layers; at least one layer must stay."""
     if options.layers is not None:
-        if max(options.layers) >= num_layers or len(options.layers) >= num_layers:
-            raise SlimlmError(
-                f"prune_depth.layers: {sorted(options.layers)} must name layers of the model's {num_layers} "
-                f"(0-{num_layers - 1}) and leave at least one"
-            )
+        check_named_layers(options.layers, num_layers)
         return len(options.layers)
     if options.remove is not None:
         if options.remove >= num_layers:
