@@ -66,7 +66,7 @@ def test_figures_are_cached_by_file_and_measured_again_when_it_changes(tmp_path)
 
 def _costs():
     """Three layers of one item each: a slow accurate option and a fast lossy one."""
-    items = [Item(f"l{k}", [Option("Q8_0", 10, dict), Option("Q4_0", 6, dict)], 0, layer=k) for k in range(3)]
+    items = [Item(f"l{k}", [Option("Q8_0", 10, dict), Option("Q4_0", 6, dict)], layer=k) for k in range(3)]
     return Costs(items, [[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]], removal={0: 9.0, 1: 9.0, 2: 0.5})
 
 

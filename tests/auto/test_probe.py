@@ -101,7 +101,31 @@ def test_item_costs_carry_the_reference_kl_by_output_error(probed, tmp_path):
     options = [
         Option(f"noise{k}", 10 - k, lambda k=k: {name: weight + 0.01 * k * torch.ones_like(weight)}) for k in range(3)
     ]
-    costs = item_costs(probe, Item(name, options, reference=1), CostCache(tmp_path / "c.jsonl"))
+    costs = item_costs(probe, Item(name, options, references=(1,)), CostCache(tmp_path / "c.jsonl"))
     assert costs[0] == 0.0  # the original's own values
     assert costs[1] == pytest.approx(probe.kl(options[1].weights()))
     assert costs[2] > costs[1]
+
+
+def test_each_family_is_carried_from_its_own_reference(probed, tmp_path):
+    probe = probed[3]
+    name = "model.layers.1.self_attn.v_proj"
+    weight = probe.modules[name].weight
+
+    def noise(scale: float, pattern: torch.Tensor):
+        return lambda: {name: weight + scale * pattern}
+
+    flat, spiky = torch.ones_like(weight), torch.zeros_like(weight)
+    spiky[:, 0] = 4.0  # one input column: an error of another shape than the flat one
+    options = [
+        Option("flat1", 9, noise(0.01, flat), "flat"),
+        Option("flat2", 8, noise(0.02, flat), "flat"),
+        Option("spiky1", 9, noise(0.01, spiky), "spiky"),
+        Option("spiky2", 8, noise(0.02, spiky), "spiky"),
+    ]
+    costs = item_costs(probe, Item(name, options, references=(0, 2)), CostCache(tmp_path / "c.jsonl"))
+    assert costs[0] == pytest.approx(probe.kl(options[0].weights()))
+    assert costs[2] == pytest.approx(probe.kl(options[2].weights()))  # measured, not carried from flat1
+    assert costs[3] / costs[2] == pytest.approx(4.0, rel=1e-4)  # within a family: by output error (quadratic)
+    with pytest.raises(ValueError, match="no reference option for the families \\['spiky'\\]"):
+        item_costs(probe, Item(name, options, references=(0,)), CostCache(tmp_path / "d.jsonl"))

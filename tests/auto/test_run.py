@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import write_documents
-from slimlm.auto.run import AutoSettings, run_auto
+from slimlm.auto.run import AutoSettings, SharedScores, run_auto
 from slimlm.errors import SlimlmError
 
 
@@ -88,14 +88,31 @@ def test_cli_refuses_bad_values_in_one_line(args, expected):
 
 @pytest.mark.builtin  # not the built-in model, but slow: WikiText-2 from the shared data, a pipeline run per row
 def test_latency_budget_with_slimlm_kernels(tiny_model_dir, tmp_path):
-    sized = run_auto(_settings(tiny_model_dir, tmp_path, budget="1GB", output=str(tmp_path / "sized")))
+    work = str(tmp_path / "work")
+    sized = run_auto(_settings(tiny_model_dir, tmp_path, budget="1GB", output=str(tmp_path / "sized"), work=work))
     for row in sized["rows"]:
         assert row["decode_ms_per_token"] > 0 and row["predicted_ms_per_token"] > 0, row["label"]
     uniform = sorted(r["predicted_ms_per_token"] for r in sized["rows"])
     budget = (uniform[0] + uniform[-1]) / 2
 
-    summary = run_auto(_settings(tiny_model_dir, tmp_path, budget=f"{budget:.6f}ms/token"))
+    summary = run_auto(_settings(tiny_model_dir, tmp_path, budget=f"{budget:.6f}ms/token", work=work))
     assert summary["budget"]["resource"] == "ms_per_token"
+    uniform = [next(r for r in run["rows"] if r["label"] == "uniform w4g32") for run in (sized, summary)]
+    assert uniform[1]["path"] == uniform[0]["path"] == str(tmp_path / "sized" / "runs" / "uniform-w4g32" / "model")
     candidates = [r for r in summary["rows"] if r["label"].startswith("candidate")]
     assert candidates and all(r["predicted_ms_per_token"] <= budget + 1e-6 for r in candidates)
     assert "Latency model" in (tmp_path / "auto" / "report.md").read_text()
+
+
+def test_shared_scores_are_reused_only_for_the_same_scoring_settings(tmp_path):
+    scored = tmp_path / "model"
+    scored.mkdir()
+    settings = AutoSettings(model="m", budget="1GB", work=str(tmp_path / "work"))
+    row, figures = {"label": "uniform Q4_0"}, {"ppl": 9.0, "path": str(scored)}
+    assert SharedScores(settings).get(row) is None
+    assert SharedScores(settings).put(row, figures) == figures
+    assert SharedScores(AutoSettings(model="m", budget="5MB", work=settings.work)).get(row) == figures  # any budget
+    assert SharedScores(AutoSettings(model="m", budget="1GB", work=settings.work, eval_chunks=9)).get(row) is None
+    assert SharedScores(AutoSettings(model="m", budget="1GB")).put(row, figures) == figures  # no --work: not kept
+    scored.rmdir()
+    assert SharedScores(settings).get(row) is None  # its file is gone: scored again

@@ -65,7 +65,7 @@ def test_recipe_has_one_quantize_stage_per_format(tiny_model, tmp_path):
 def _synthetic_costs():
     def item(name, layer, costs):
         options = [Option(n, size, lambda: {}) for n, size in (("big", 10), ("small", 4))]
-        return Item(name, options, 0, layer=layer)
+        return Item(name, options, layer=layer)
 
     items = [item(f"l{k}", k, None) for k in range(3)]
     return Costs(items, [[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]], removal={0: 5.0, 1: 0.1, 2: 3.0})
@@ -83,7 +83,7 @@ def test_allocation_removes_the_cheapest_layer_when_that_beats_smaller_formats()
 
 def test_removing_a_layer_shrinks_the_groups_that_span_it():
     options = [Option(n, size, lambda: {}) for n, size in (("big", 40), ("small", 16))]
-    groups = [Item(f"g{k}", options, 0, layers=(0, 1, 2, 3)) for k in range(2)]  # 4 layers, 10 or 4 bytes each
+    groups = [Item(f"g{k}", options, layers=(0, 1, 2, 3)) for k in range(2)]  # 4 layers, 10 or 4 bytes each
     costs = Costs(groups, [[0.0, 1.0], [0.0, 2.0]], removal={0: 0.5, 1: 9.0, 2: 9.0, 3: 9.0})
     sizes = size_resource(costs, lambda removed: 0)
     # 60 bytes: both big (80) too much; one small (56) costs 1.0; without layer 0 both big take 60, cost 0.5
@@ -187,3 +187,18 @@ def test_gptq_fitted_to_other_windows_is_scored_out_of_sample(tiny_model):
     name, linear = next((n, lin) for n, lin in SlimlmTarget(tiny_model).linears if n.endswith(item.name))
     expected = GPTQ(linear.weight, fit[name], QuantGrid(2, True, 32)).quantize().dequantize()
     assert torch.equal(gptq.weights()[name], expected)  # solved on the fitting windows, not the probe's
+
+
+def test_every_quantizer_family_has_its_own_measured_reference(tiny_model):
+    probe = Probe(tiny_model, random_windows(tiny_model, 2, 32))
+    for item in SlimlmTarget(tiny_model).items(probe):
+        measured = sorted(item.options[i].name for i in item.references)
+        assert measured == ["gptq-w3g64+eora16", "gptq-w4g64", "w3g64+eora16", "w4g64"]
+        assert {o.family for o in item.options} == {"rtn", "gptq", "rtn+eora16", "gptq+eora16"}
+    left = SlimlmTarget(tiny_model, exclude=["w4g64", "w3g64+eora16"]).items(probe)[0]
+    assert sorted(left.options[i].name for i in left.references) == [
+        "gptq-w3g64+eora16",
+        "gptq-w4g64",
+        "w2g32+eora16",  # the family's first option once its reference grid is excluded
+        "w3g64",
+    ]

@@ -62,7 +62,7 @@ class GGUFTarget:
                 if t not in self.exclude and self.uniform(t).types.get(name + ".weight") == t
             ]
             reference = [o.name for o in options].index(REFERENCE_TYPE)
-            items.append(Item(name, options, reference, layer=int(name.split(".")[2])))
+            items.append(Item(name, options, (reference,), layer=int(name.split(".")[2])))
         return items
 
     def _embedding_item(self) -> Item:
@@ -73,7 +73,7 @@ class GGUFTarget:
             for t in EMBEDDING_TYPES
             if t not in self.exclude and self.uniform(t).types.get(name + ".weight") == t
         ]
-        return Item(name, options, 0, layer=None, direct=True)
+        return Item(name, options, layer=None, direct=True)
 
     def _option(self, name: str, type_name: str, shape) -> Option:
         weights = self.uniform(type_name)

@@ -264,7 +264,7 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -
     jobs = [(f"candidate {i + 1}", s) for i, s in enumerate(solutions)] + list(uniform.items())
     if settings.target == "gguf":
         jobs += [(f"llama.cpp {t}", None) for t in settings.baselines or GGUF_BASELINES]
-    rows = []
+    rows, shared = [], SharedScores(settings)
     with progress_bar("auto: scoring", total=len(jobs)) as advance:
         for label, solution in jobs:
             row = {"label": label}
@@ -279,7 +279,9 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -
                     row["proxy_kl_recovered"] = solution.proxy
             key = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
             if key not in state["scores"]:
-                state["scores"][key] = _score(settings, target, label, solution, out, loaded)
+                state["scores"][key] = shared.get(row) or shared.put(
+                    row, _score(settings, target, label, solution, out, loaded)
+                )
                 write_json_atomic(out / "state.json", state)
             figures = state["scores"][key]
             if settings.decode:  # kept by file in the work folder (gguf) or the output (slimlm): resumed rows get it
@@ -287,6 +289,33 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -
             rows.append(row | figures)
             advance(description=f"auto: scoring ({label})")
     return rows
+
+
+class SharedScores:
+    """Scores kept in the shared work folder (`--work`), so that runs at other budgets reuse the rows they have in
+    common (the uniform and llama.cpp baselines): keyed by the row and the settings its score depends on, kept only
+    while the scored file or folder exists. Without `--work`: nothing kept."""
+
+    SCORED_BY = ("model", "target", "calib_data", "fit_samples", "fit_seq_len", "eval_chunks", "recover")
+
+    def __init__(self, settings: AutoSettings):
+        self.path = Path(settings.work) / "scores.json" if settings.work else None
+        self.settings = {name: getattr(settings, name) for name in self.SCORED_BY}
+        self.scores = json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
+
+    def _key(self, row: dict) -> str:
+        return hashlib.sha256(json.dumps([self.settings, row], sort_keys=True).encode()).hexdigest()[:16]
+
+    def get(self, row: dict) -> dict | None:
+        found = self.scores.get(self._key(row))
+        return found if found and Path(found["path"]).exists() else None
+
+    def put(self, row: dict, figures: dict) -> dict:
+        if self.path is not None:
+            self.scores[self._key(row)] = figures
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.scores)
+        return figures
 
 
 def _score(settings, target, label: str, solution, out: Path, loaded) -> dict:

@@ -5,11 +5,15 @@ in bytes and its dequantized weight. Measuring the KL of every (item, option) wi
 forward pass each (thousands for a 30-layer model): instead
 
 - every option's layer-wise output error e = tr(ΔW·H·ΔWᵀ)/rows comes from the probe's Hessians (no forward pass);
-- one option per item, its `reference` (a mid-size format), gets the real KL of the whole model with only that
-  change: KL_ref. The item's cost of option j is then KL_ref · e_j / e_ref: the measured KL, carried to the
-  other formats of the same Linear in proportion to their output error (both are quadratic in ΔW for small
-  changes, so the ratio is what varies between Linears — how much a Linear's error grows on its way to the
-  logits — and is measured once per Linear). Options with no output error (the original's own values) cost 0.
+- one option per item and family, its reference (a mid-size format), gets the real KL of the whole model with only
+  that change: KL_ref. The item's cost of option j is then KL_ref · e_j / e_ref, with the reference of j's family:
+  the measured KL, carried to the other formats of the same Linear in proportion to their output error (both are
+  quadratic in ΔW for small changes, so the ratio is what varies between Linears — how much a Linear's error
+  grows on its way to the logits — and is measured once per Linear and family). A family is the options whose
+  error has one shape: RTN's error is spread over every input direction, GPTQ's and EoRA's is pushed into the
+  directions the Hessian weighs least, which the layers after it amplify more (benchmarks/auto_proxy_check.py:
+  carried from RTN's ratio, down_proj's GPTQ/EoRA options were priced 1.5-2.7x too low; within a family the ratio
+  holds). Options with no output error (the original's own values) cost 0.
 - the embedding (tied to the LM head) and each "remove this layer" get the real KL of every option.
 
 Every measurement is appended to a JSON-lines file keyed by the model's weights hash, the calibration settings and
@@ -36,13 +40,14 @@ class Option:
     name: str  # Q4_0, w4g64, ...
     bytes: int  # what it adds to the output's size
     weights: Callable[[], dict[str, torch.Tensor]]  # module name -> its dequantized weight, for the item's modules
+    family: str = ""  # options whose KL is carried from one reference (their error has one shape: rtn, gptq, ...)
 
 
 @dataclass
 class Item:
     name: str  # a module name (model.layers.3.mlp.down_proj, model.embed_tokens) or a group's (down_proj)
     options: list[Option]
-    reference: int = 0  # the option whose KL is measured
+    references: tuple[int, ...] = (0,)  # the options whose KL is measured: one per family of its options
     layer: int | None = None  # the decoder layer it is in (None: the embedding)
     direct: bool = False  # measure every option's KL (the embedding: no Hessian of its own)
     layers: tuple[int, ...] = ()  # a group's decoder layers (allocate.kept_share: what removing some leaves)
@@ -103,11 +108,21 @@ def item_costs(probe: Probe, item: Item, cache: CostCache) -> list[float]:
     if item.direct:
         return [cache.get(f"kl|{item.name}|{o.name}", lambda o=o: probe.kl(o.weights())) for o in item.options]
     errors = [cache.get(f"err|{item.name}|{o.name}", lambda o=o: _output_error(probe, o)) for o in item.options]
-    ref = item.options[item.reference]
-    kl_ref = cache.get(f"kl|{item.name}|{ref.name}", lambda: probe.kl(ref.weights()))
-    if errors[item.reference] <= 0:
-        return [0.0 if e <= 0 else kl_ref for e in errors]
-    return [kl_ref * e / errors[item.reference] for e in errors]
+    ratios = {}  # family -> (KL_ref, e_ref)
+    for index in item.references:
+        ref = item.options[index]
+        ratios[ref.family] = cache.get(f"kl|{item.name}|{ref.name}", lambda o=ref: probe.kl(o.weights())), errors[index]
+    missing = {o.family for o in item.options} - ratios.keys()
+    if missing:
+        raise ValueError(f"{item.name}: no reference option for the families {sorted(missing)}")
+    return [_carried(*ratios[o.family], e) for o, e in zip(item.options, errors, strict=True)]
+
+
+def _carried(kl_ref: float, error_ref: float, error: float) -> float:
+    """KL_ref · e / e_ref; a reference with no error (the original's values) carries its KL to any that has one."""
+    if error_ref <= 0:
+        return 0.0 if error <= 0 else kl_ref
+    return kl_ref * error / error_ref
 
 
 def measure(probe: Probe, items: list[Item], cache: CostCache, removable: list[int] = ()) -> Costs:

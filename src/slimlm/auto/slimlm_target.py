@@ -47,7 +47,7 @@ QUANTIZERS = ("rtn", "gptq")
 EORA_RANK, EORA_BITS = 16, (2, 3)  # EoRA is offered on the grids coarse enough for a correction to pay
 BITS = (2, 3, 4, 8)
 GROUPS = (32, 64, 128)
-REFERENCE = "w4g64"
+REFERENCE_GRIDS = ("w4g64", "w3g64")  # a family's KL is measured on the first of these it has (EoRA: from 3 bits)
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 DECODE = {"prompt_tokens": 16, "new_tokens": 32, "runs": 3}  # per timed model: evaluate/speed.measure_speed
 _HEADER_PER_TENSOR = 112  # safetensors JSON header per tensor (name, dtype, shape, offsets): ~99-110 measured
@@ -67,6 +67,12 @@ def parse_option(name: str) -> tuple[str, int, int, int]:
     return method or "rtn", bits, group, int(eora or 0)
 
 
+def family(name: str) -> str:
+    """The options whose error has one shape (sensitivity.Option.family): the quantizer, with or without EoRA."""
+    method, _, _, rank = parse_option(name)
+    return f"{method}+eora{rank}" if rank else method
+
+
 def kernel_format(name: str) -> str:
     """The packed format an option runs with: GPTQ's codes sit on the same grid as RTN's (one latency rate)."""
     _, bits, group, _ = parse_option(name)
@@ -82,6 +88,16 @@ def lowrank_params(name: str, members) -> int:
 def packed_bytes(rows: int, columns: int, bits: int, group: int) -> int:
     """A QuantizedLinear's buffers: codes bit-packed into uint8, one float16 scale per group (symmetric grid)."""
     return rows * packed_columns(columns, bits) + rows * (columns // group) * 2
+
+
+def _family_references(options: list[Option]) -> tuple[int, ...]:
+    """Each family's option on the first of REFERENCE_GRIDS it has, else its first option (what --exclude left)."""
+    grids = [option_name(*parse_option(o.name)[1:3]) for o in options]
+    ranked = sorted(range(len(options)), key=lambda i: (*REFERENCE_GRIDS, grids[i]).index(grids[i]))
+    found: dict[str, int] = {}
+    for index in ranked:
+        found.setdefault(options[index].family, index)
+    return tuple(found.values())
 
 
 class SlimlmTarget:
@@ -120,8 +136,8 @@ class SlimlmTarget:
                 if all(linear.in_features % group == 0 and rank < min(linear.weight.shape) for _, linear in members)
                 and option_name(bits, group, method, rank) not in self.exclude
             ]
-            reference = [o.name for o in options].index(REFERENCE)
-            items.append(Item(short, options, reference, layers=tuple(range(len(decoder_layers(self.model))))))
+            layers = tuple(range(len(decoder_layers(self.model))))
+            items.append(Item(short, options, _family_references(options), layers=layers))
         return items
 
     def _option(self, members, bits: int, group: int, method: str, rank: int, hessians: dict) -> Option:
@@ -142,7 +158,7 @@ class SlimlmTarget:
                     found[n] = found[n] + (b.half().float() @ a.half().float())  # the factors as stored (float16)
             return found
 
-        return Option(name, size, weights)
+        return Option(name, size, weights, family(name))
 
     def fixed_bytes(self, items: list[Item]):
         """removed layers -> the folder's weight bytes besides the packed Linears: every other unique tensor in the
