@@ -8,7 +8,7 @@ recipe's evaluate stage, WikiText-2 test perplexity and KL to the original on `-
 decode by evaluate/speed.measure_speed (16-token prompt, 32 new tokens, median of 3 runs, the load average beside).
 Written after every budget (results/auto_slimlm.json); a rerun resumes each budget's scored rows.
 
-    python benchmarks/auto_slimlm.py [--budgets w4g64,w3g64,w4g64-latency] [--chunks 8] [--work DIR]
+    python benchmarks/auto_slimlm.py [--budgets w4g64,w3g64,w4g64-latency] [--chunks 8] [--work DIR] [--uniform F,..]
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ def main() -> None:
     parser.add_argument("--budgets", default="w4g64,w3g64,w4g64-latency")
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--candidates", type=int, default=3)
+    parser.add_argument("--uniform", default=",".join(UNIFORM), help="uniform formats scored beside the candidates")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-auto-slimlm"))
     parser.add_argument("--out", type=Path, default=RESULTS / "auto_slimlm.json")
     args = parser.parse_args()
@@ -70,7 +71,7 @@ def main() -> None:
             eval_chunks=args.chunks,
             work=str(args.work / "shared"),
             resume=True,
-            baselines=[*UNIFORM],
+            baselines=args.uniform.split(","),
         )
         load, started = os.getloadavg()[0], (time.process_time(), time.perf_counter())
         summary = run_auto(settings)

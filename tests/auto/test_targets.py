@@ -181,7 +181,14 @@ def test_gptq_fitted_to_other_windows_is_scored_out_of_sample(tiny_model):
     fit_windows = random_windows(tiny_model, 2, 32, seed=1)
     fit = input_hessians(tiny_model, fit_windows)
     assert fit.keys() == probe.hessians.keys()
-    assert all(torch.allclose(fit[n], Probe(tiny_model, fit_windows).hessians[n]) for n in list(fit)[:3])
+    plain = Probe(tiny_model, fit_windows).hessians
+    kv_heads = tiny_model.config.num_key_value_heads
+    for name in list(fit)[:7]:  # layer 0: v_proj's per KV head, attention-weighted (as the gptq stage fits it)
+        if name.endswith("v_proj"):
+            assert fit[name].shape == (kv_heads, *plain[name].shape)
+            assert not torch.allclose(fit[name].mean(0), plain[name])
+        else:
+            assert torch.allclose(fit[name], plain[name])
     item = SlimlmTarget(tiny_model).items(probe, fit)[0]
     gptq = next(o for o in item.options if o.name == "gptq-w2g32")
     name, linear = next((n, lin) for n, lin in SlimlmTarget(tiny_model).linears if n.endswith(item.name))
@@ -202,3 +209,18 @@ def test_every_quantizer_family_has_its_own_measured_reference(tiny_model):
         "w2g32+eora16",  # the family's first option once its reference grid is excluded
         "w3g64",
     ]
+
+
+def test_gptq_of_v_proj_solves_each_kv_head_with_its_own_hessian(tiny_model):
+    from slimlm.auto.probe import input_hessians
+
+    probe = Probe(tiny_model, random_windows(tiny_model, 2, 32))
+    fit = input_hessians(tiny_model, random_windows(tiny_model, 2, 32, seed=1))
+    item = next(i for i in SlimlmTarget(tiny_model).items(probe, fit) if i.name == "v_proj")
+    gptq = next(o for o in item.options if o.name == "gptq-w4g32")
+    name, linear = next((n, lin) for n, lin in SlimlmTarget(tiny_model).linears if n.endswith("v_proj"))
+    heads, grid = fit[name], QuantGrid(4, True, 32)
+    rows = linear.weight.shape[0] // len(heads)
+    blocks = linear.weight.split(rows)
+    expected = [GPTQ(block, h, grid).quantize().dequantize() for block, h in zip(blocks, heads, strict=True)]
+    assert torch.allclose(gptq.weights()[name], torch.cat(expected), atol=1e-6)

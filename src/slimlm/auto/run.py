@@ -26,6 +26,7 @@ from slimlm.pipeline import write_json_atomic
 from slimlm.progress import progress_bar
 
 CACHE_VERSION = "1"  # bump when a figure in the sensitivity cache changes meaning
+FIT_VERSION = "2"  # the same for the GPTQ/EoRA fits of the slimlm target (2: v_proj per-head, attention-weighted)
 GGUF_BASELINES = ("Q8_0", "Q4_K_M", "IQ4_NL", "Q4_0", "Q3_K_M", "Q2_K")
 GGUF_UNIFORM = ("Q8_0", "Q5_0", "Q4_0", "IQ4_NL")  # pure mixes the proxy can price too (Spearman points)
 SLIMLM_UNIFORM = ("w8g32", "w4g32", "w4g64", "w4g128", "w3g64", "w2g64")
@@ -178,7 +179,8 @@ def sensitivity_costs(settings: AutoSettings, loaded, target) -> tuple[Costs, Co
     )
     fitted = target.name == "slimlm" and not {"gptq", "eora"} <= set(settings.exclude)
     what = [source_fingerprint(loaded.source), target.name, settings.calib_data, settings.calib_samples]
-    what += [settings.calib_seq_len, CACHE_VERSION] + ([settings.fit_samples, settings.fit_seq_len] if fitted else [])
+    what += [settings.calib_seq_len, CACHE_VERSION]
+    what += [settings.fit_samples, settings.fit_seq_len, FIT_VERSION] if fitted else []
     key = json.dumps(what)
     cache = CostCache(cache_dir() / "auto" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl")
     removable = list(range(probe.layers)) if settings.max_removed else []

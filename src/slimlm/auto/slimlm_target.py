@@ -90,6 +90,15 @@ def packed_bytes(rows: int, columns: int, bits: int, group: int) -> int:
     return rows * packed_columns(columns, bits) + rows * (columns // group) * 2
 
 
+def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
+    """GPTQ's dequantized solution; a stack of Hessians [heads, in, in] (v_proj's) solves each head's rows with its
+    own, as the gptq stage does."""
+    if hessian.dim() == 2:
+        return GPTQ(weight, hessian, grid).quantize().dequantize()
+    stacked = weight.reshape(len(hessian), -1, weight.shape[1])
+    return torch.cat([part.dequantize() for part in GPTQ(stacked, hessian, grid).quantize_stack()])
+
+
 def _family_references(options: list[Option]) -> tuple[int, ...]:
     """Each family's option on the first of REFERENCE_GRIDS it has, else its first option (what --exclude left)."""
     grids = [option_name(*parse_option(o.name)[1:3]) for o in options]
@@ -149,12 +158,14 @@ class SlimlmTarget:
         def weights() -> dict[str, torch.Tensor]:
             # each Linear on its own, from the original's inputs (the stages are sequential: an estimate)
             if method == "gptq":
-                found = {n: GPTQ(lin.weight, hessians[n], grid).quantize().dequantize() for n, lin in members}
+                found = {n: _gptq(lin.weight, hessians[n], grid) for n, lin in members}
             else:
                 found = {n: quantize_codes(lin.weight, grid).dequantize() for n, lin in members}
             if rank:
                 for n, lin in members:
-                    a, b = eora_factors(lin.weight.float() - found[n], hessians[n], rank)
+                    # v_proj's per-head Hessians: their mean (the eora stage fits each head's rows to its own)
+                    fitted_to = hessians[n].mean(0) if hessians[n].dim() == 3 else hessians[n]
+                    a, b = eora_factors(lin.weight.float() - found[n], fitted_to, rank)
                     found[n] = found[n] + (b.half().float() @ a.half().float())  # the factors as stored (float16)
             return found
 
