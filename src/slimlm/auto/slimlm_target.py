@@ -39,7 +39,7 @@ from slimlm.auto.sensitivity import Item, Option
 from slimlm.lowrank.factorize import eora_factors
 from slimlm.modules import SHORT_NAMES, decoder_layers, named_decoder_linears
 from slimlm.progress import progress_bar
-from slimlm.quantize.gptq import GPTQ
+from slimlm.quantize.gptq import GPTQ, GPTQOptions, per_head_solve
 from slimlm.quantize.grid import QuantGrid, quantize_codes
 from slimlm.quantize.packed import packed_columns
 
@@ -91,12 +91,11 @@ def packed_bytes(rows: int, columns: int, bits: int, group: int) -> int:
 
 
 def _gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: QuantGrid) -> torch.Tensor:
-    """GPTQ's dequantized solution; a stack of Hessians [heads, in, in] (v_proj's) solves each head's rows with its
-    own, as the gptq stage does."""
+    """GPTQ's dequantized solution (the stage's default damping and block size); a stack of Hessians [heads, in, in]
+    (v_proj's) solves each head's rows with its own, by the gptq stage's own per_head_solve."""
     if hessian.dim() == 2:
         return GPTQ(weight, hessian, grid).quantize().dequantize()
-    stacked = weight.reshape(len(hessian), -1, weight.shape[1])
-    return torch.cat([part.dequantize() for part in GPTQ(stacked, hessian, grid).quantize_stack()])
+    return per_head_solve(weight, hessian, grid, GPTQOptions())[0].dequantize()
 
 
 def _family_references(options: list[Option]) -> tuple[int, ...]:
