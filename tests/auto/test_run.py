@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from conftest import write_documents
+from slimlm.auto.allocate import Solution
 from slimlm.auto.run import AutoSettings, SharedScores, run_auto
 from slimlm.errors import SlimlmError
 
@@ -98,7 +99,9 @@ def test_latency_budget_with_slimlm_kernels(tiny_model_dir, tmp_path):
     summary = run_auto(_settings(tiny_model_dir, tmp_path, budget=f"{budget:.6f}ms/token", work=work))
     assert summary["budget"]["resource"] == "ms_per_token"
     uniform = [next(r for r in run["rows"] if r["label"] == "uniform w4g32") for run in (sized, summary)]
-    assert uniform[1]["path"] == uniform[0]["path"] == str(tmp_path / "sized" / "runs" / "uniform-w4g32" / "model")
+    assert uniform[1]["path"] == uniform[0]["path"]
+    assert Path(uniform[0]["path"]).parent.parent == tmp_path / "sized" / "runs"
+    assert Path(uniform[0]["path"]).parent.name.startswith("uniform-w4g32-")
     candidates = [r for r in summary["rows"] if r["label"].startswith("candidate")]
     assert candidates and all(r["predicted_ms_per_token"] <= budget + 1e-6 for r in candidates)
     assert "Latency model" in (tmp_path / "auto" / "report.md").read_text()
@@ -116,3 +119,15 @@ def test_shared_scores_are_reused_only_for_the_same_scoring_settings(tmp_path):
     assert SharedScores(AutoSettings(model="m", budget="1GB")).put(row, figures) == figures  # no --work: not kept
     scored.rmdir()
     assert SharedScores(settings).get(row) is None  # its file is gone: scored again
+
+
+def test_slimlm_rows_get_a_folder_per_mix_not_per_label(tmp_path, monkeypatch):
+    from slimlm.auto import run
+
+    folders = []
+    monkeypatch.setattr(run, "_score_slimlm", lambda settings, target, solution, folder, loaded: folders.append(folder))
+    settings = AutoSettings(model="m", budget="1GB", target="slimlm")
+    for formats in ({"q_proj": "w4g64"}, {"q_proj": "w3g64"}, {"q_proj": "w4g64"}):
+        run._score(settings, None, "candidate 1", Solution(formats, (), 0.0), tmp_path, None)
+    assert folders[0] != folders[1] and folders[0] == folders[2]  # same label, another mix: another folder
+    assert all(f.parent == tmp_path / "runs" and f.name.startswith("candidate-1-") for f in folders)

@@ -321,19 +321,25 @@ class SharedScores:
 
 
 def _score(settings, target, label: str, solution, out: Path, loaded) -> dict:
-    slug = label.replace(" ", "-").replace(".", "")
     if settings.target == "gguf":
         text = _wikitext_test()
         if solution is None:
             path = target.llama_type(label.split()[-1], target.work / "llama" / f"{label.split()[-1]}.gguf")
         else:
             # named by what it holds, in the shared work folder: a mix another budget's run wrote is reused
-            mix = hashlib.sha256(json.dumps([solution.formats, solution.removed], sort_keys=True).encode())
-            path = target.work / "mixes" / f"{mix.hexdigest()[:16]}.gguf"
+            path = target.work / "mixes" / f"{_mix_name(solution)}.gguf"
             if not path.is_file():
                 target.write(solution.formats, solution.removed, path)
         return target.score(path, text, settings.eval_chunks) | {"path": str(path)}
-    return _score_slimlm(settings, target, solution, out / "runs" / slug, loaded)
+    # the label for people, what it holds for SharedScores: a rerun whose "candidate 1" is another mix gets a folder
+    # of its own, and the scores kept for the older one still point at that one
+    slug = label.replace(" ", "-").replace(".", "")
+    return _score_slimlm(settings, target, solution, out / "runs" / f"{slug}-{_mix_name(solution)[:8]}", loaded)
+
+
+def _mix_name(solution) -> str:
+    """A name for the output a solution describes: the hash of its formats and removed layers."""
+    return hashlib.sha256(json.dumps([solution.formats, solution.removed], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _score_slimlm(settings, target, solution, folder: Path, loaded) -> dict:
