@@ -21,6 +21,11 @@ def _check(model_dir, stages, **extra) -> None:
             [{"prune_width": {"mlp_keep": 96}}, {"quantize": {"group_size": 64, "targets": ["down_proj"]}}],
             "stages[1].quantize.group_size: 64 does not divide the 96 input features of down_proj",
         ),
+        (
+            [{"quantize": {"group_size": 32, "per_projection": {"down_proj": {"bits": 4, "group_size": 48}}}}],
+            "stages[0].quantize.per_projection.down_proj.group_size: 48 does not divide the 128 input features of "
+            "down_proj",
+        ),
         ([{"prune_depth": {"remove": 2}}], "stages[0].prune_depth.remove: 2 would leave no layer of the model's 2"),
         (
             [{"prune_depth": {"remove": 1}}, {"prune_depth": {"remove": 1}}],

@@ -90,16 +90,16 @@ def _check_divides(where: str, divisor: int, options, shape: Shape, side: int, w
 
 @preflight("quantize")
 def _quantize(where: str, options, shape: Shape) -> Shape:
-    if options.group_size is not None:
-        _check_divides(
-            f"{where}.group_size",
-            options.group_size,
-            options,
-            shape,
-            0,
-            "input features",
-            "use a divisor of it or null (one scale per output channel)",
-        )
+    own = getattr(options, "per_projection", {})  # smoothquant's options have neither
+    for projection in _targets(options):
+        group_size = own[projection].group_size if projection in own else getattr(options, "group_size", None)
+        width = shape.width(projection, 0)
+        if group_size is not None and width is not None and width % group_size:
+            field = f"per_projection.{projection}.group_size" if projection in own else "group_size"
+            raise SlimlmError(
+                f"{where}.{field}: {group_size} does not divide the {width} input features of {projection}; "
+                "use a divisor of it or null (one scale per output channel)"
+            )
     return shape
 
 
@@ -235,8 +235,10 @@ def _export_refusal(export_format: str, stage) -> str | None:
     exact, lacking, _ = _EXACT_GRIDS[export_format]
     options, method = stage.options, getattr(stage.options, "method", None)
     if stage.name == "quantize" and method != "smoothquant" and getattr(options, "pack", True):
-        grid = f"{options.bits}-bit {'' if options.sym else 'asymmetric '}group {options.group_size}"
-        return None if exact(options) else f"{grid} has {lacking}"
+        for grid in options.grids():
+            if not exact(grid):
+                return f"{grid.bits}-bit {'' if grid.sym else 'asymmetric '}group {grid.group_size} has {lacking}"
+        return None
     if stage.name == "quantize" or (stage.name == "share" and method == "kmeans") or stage.name == "lowrank":
         return f"its {method} modules have {lacking}"
     return None

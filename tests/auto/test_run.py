@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -126,8 +127,8 @@ def test_slimlm_rows_get_a_folder_per_mix_not_per_label(tmp_path, monkeypatch):
 
     folders = []
     monkeypatch.setattr(run, "_score_slimlm", lambda settings, target, solution, folder, loaded: folders.append(folder))
-    settings = AutoSettings(model="m", budget="1GB", target="slimlm")
+    settings, target = AutoSettings(model="m", budget="1GB", target="slimlm"), SimpleNamespace(recipe_version="2")
     for formats in ({"q_proj": "w4g64"}, {"q_proj": "w3g64"}, {"q_proj": "w4g64"}):
-        run._score(settings, None, "candidate 1", Solution(formats, (), 0.0), tmp_path, None)
+        run._score(settings, target, "candidate 1", Solution(formats, (), 0.0), tmp_path, None)
     assert folders[0] != folders[1] and folders[0] == folders[2]  # same label, another mix: another folder
     assert all(f.parent == tmp_path / "runs" and f.name.startswith("candidate-1-") for f in folders)

@@ -37,29 +37,44 @@ def test_predicted_folder_size_is_the_saved_ones(tiny_model, tiny_tokenizer, tmp
     assert abs(predicted - actual) / actual < 0.01, (predicted, actual)
 
 
-def test_recipe_has_one_quantize_stage_per_format(tiny_model, tmp_path):
+def test_recipe_has_one_quantize_stage_per_quantizer_rtn_first(tiny_model, tmp_path):
     target = SlimlmTarget(tiny_model)
     formats = {
-        "q_proj": "w4g32",
+        "q_proj": "gptq-w4g32",
         "k_proj": "w4g32",
         "v_proj": "w8g32",
         "o_proj": "w4g32",
         "gate_proj": "w2g64",
-        "up_proj": "w2g64",
+        "up_proj": "gptq-w2g64",
         "down_proj": "gptq-w3g128",
     }
     recipe = target.recipe(formats, "m", {}, {}, tmp_path)
-    stages = {
-        tuple(s["quantize"]["targets"]): (s["quantize"]["method"], s["quantize"]["bits"], s["quantize"]["group_size"])
-        for s in recipe["stages"]
-    }
-    assert stages == {
-        ("q_proj", "k_proj", "o_proj"): ("rtn", 4, 32),
-        ("v_proj",): ("rtn", 8, 32),
-        ("gate_proj", "up_proj"): ("rtn", 2, 64),
-        ("down_proj",): ("gptq", 3, 128),
-    }
+    assert recipe["stages"] == [
+        {
+            "quantize": {
+                "method": "rtn",
+                "bits": 4,
+                "group_size": 32,
+                "targets": ["k_proj", "v_proj", "o_proj", "gate_proj"],
+                "per_projection": {"v_proj": {"bits": 8, "group_size": 32}, "gate_proj": {"bits": 2, "group_size": 64}},
+            }
+        },
+        {
+            "quantize": {
+                "method": "gptq",
+                "bits": 4,
+                "group_size": 32,
+                "targets": ["q_proj", "up_proj", "down_proj"],
+                "per_projection": {
+                    "up_proj": {"bits": 2, "group_size": 64},
+                    "down_proj": {"bits": 3, "group_size": 128},
+                },
+            }
+        },
+    ]
     parse_recipe(recipe)  # a valid recipe: the stages follow one another (recipe.check_chain)
+    uniform = target.recipe(dict.fromkeys(formats, "gptq-w4g64"), "m", {}, {}, tmp_path)["stages"]
+    assert uniform == [{"quantize": {"method": "gptq", "bits": 4, "group_size": 64, "targets": list(formats)}}]
 
 
 def _synthetic_costs():

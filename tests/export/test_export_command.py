@@ -71,6 +71,12 @@ def test_a_recipe_ends_in_deployable_files(tiny_model_dir, tmp_path):
             "block type); quantize symmetric with group_size: 32",
         ),
         (
+            {"method": "rtn", "bits": 4, "group_size": 32, "per_projection": {"q_proj": {"bits": 3, "group_size": 32}}},
+            {"format": "gguf"},
+            "export[0].gguf: stages[0].quantize leaves modules it cannot write exactly (3-bit group 32 has no GGUF "
+            "block type)",
+        ),
+        (
             {"method": "smoothquant", "bits": 8, "group_size": None},
             {"format": "compressed-tensors"},
             "export[0].compressed-tensors: stages[0].quantize leaves modules it cannot write exactly (its smoothquant",

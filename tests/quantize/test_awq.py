@@ -41,7 +41,7 @@ def test_scale_search_protects_outlier_channels():
     x[:, [5, 9]] *= 40  # two outlier input channels
     weight = torch.randn(32, 64, generator=generator) * 0.02
     grid = QuantGrid(3, True, 16)
-    scales, alpha, relative = search_scales(x, [weight], grid)
+    scales, alpha, relative = search_scales(x, [weight], [grid])
     assert alpha > 0 and relative < 0.8  # a real gain over plain rounding (α = 0)
     assert scales[[5, 9]].min() > scales.median()
     rtn_error = (x @ (fake_quantize(weight, grid) - weight).T).pow(2).mean()

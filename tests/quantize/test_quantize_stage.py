@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -84,6 +86,54 @@ def test_gptq_is_true_sequential_within_a_layer(tiny_model, monkeypatch):
     assert observed == per_layer * len(decoder_layers(tiny_model))
 
 
+MIXED = {"q_proj": {"bits": 3, "group_size": 16}, "down_proj": {"bits": 8, "group_size": None}}
+
+
+def _mixed_grid(name: str) -> QuantGrid:
+    if name.endswith("q_proj"):
+        return QuantGrid(3, True, 16)
+    return QuantGrid(8, True, None) if name.endswith("down_proj") else QuantGrid(4, True, 32)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_per_projection_grids_are_taken_in_one_stage(tiny_model, method):
+    context = run_quantize_stage(
+        tiny_model, random_windows(tiny_model), method=method, bits=4, group_size=32, per_projection=MIXED, pack=False
+    )
+    for name, linear in named_decoder_linears(tiny_model):
+        quantized = getattr(linear, QUANTIZED_ATTRIBUTE)
+        assert quantized.grid == _mixed_grid(name), name
+        assert torch.equal(linear.weight, quantized.dequantize())
+    note = next(n for n in context.notes if n.startswith(f"quantize: {method},"))
+    assert "group size 32; q_proj 3-bit group size 16; down_proj 8-bit per output channel" in note
+
+
+def test_gptq_per_projection_solves_each_grid_as_a_stage_of_that_grid_would(tiny_model):
+    """Layer 0's q_proj reads the original embeddings either way: its own 3-bit solve in a mixed stage (k and v at 4
+    bits, solved apart) gives the codes of a uniform 3-bit stage, where q, k and v are one stacked solve."""
+    windows, uniform = random_windows(tiny_model), copy.deepcopy(tiny_model)
+    run_quantize_stage(tiny_model, windows, method="gptq", group_size=32, per_projection=MIXED, pack=False)
+    run_quantize_stage(uniform, windows, method="gptq", bits=3, group_size=16, pack=False)
+    mixed, alone = (getattr(decoder_layers(m)[0].self_attn.q_proj, QUANTIZED_ATTRIBUTE) for m in (tiny_model, uniform))
+    assert mixed.grid == alone.grid and torch.equal(mixed.codes, alone.codes)
+    k_proj = getattr(decoder_layers(tiny_model)[0].self_attn.k_proj, QUANTIZED_ATTRIBUTE)
+    assert k_proj.grid == QuantGrid(4, True, 32)
+
+
+def test_a_per_projection_group_size_that_does_not_divide_fails_in_one_line(tiny_model):
+    with pytest.raises(SlimlmError) as error:
+        run_quantize_stage(
+            tiny_model,
+            random_windows(tiny_model),
+            method="rtn",
+            per_projection={"o_proj": {"bits": 4, "group_size": 48}},
+        )
+    assert str(error.value).startswith(
+        "quantize.per_projection.o_proj.group_size: 48 does not divide the 64 input features of "
+        "model.layers.0.self_attn.o_proj"
+    )
+
+
 def test_a_dead_input_in_the_model_is_noted_and_causes_no_nan(tiny_model):
     decoder_layers(tiny_model)[0].input_layernorm.weight.data[3] = 0  # q/k/v of layer 0 never see channel 3
     context = run_quantize_stage(
@@ -144,6 +194,16 @@ def test_bfloat16_rounding_off_the_grid_is_noted(tiny_model):
         ({"method": "smoothquant", "bits": 4}, "stages[0].quantize.bits: Input should be 8"),
         ({"method": "smoothquant", "alpha": 1.5}, "stages[0].quantize.alpha: Input should be less than or equal to 1"),
         ({"alpha": 0.5}, "stages[0].quantize.alpha: unknown option"),
+        (
+            {"targets": ["v_proj"], "per_projection": {"q_proj": {"bits": 3, "group_size": 64}}},
+            "stages[0].quantize: per_projection: q_proj not among the targets (v_proj)",
+        ),
+        (
+            {"per_projection": {"q_proj": {"bits": 9, "group_size": 64}}},
+            "stages[0].quantize.per_projection.q_proj.bits: Input should be less than or equal to 8",
+        ),
+        ({"per_projection": {"q_proj": {"bits": 3}}}, "stages[0].quantize.per_projection.q_proj.group_size: Field"),
+        ({"per_projection": {"qkv": {"bits": 3, "group_size": 64}}}, "stages[0].quantize.per_projection.qkv"),
     ],
 )
 def test_options_are_validated_in_one_line(options, message):

@@ -30,6 +30,7 @@ EMBEDDING_TYPES = ("Q8_0", "Q5_1", "Q5_0", "Q4_1", "Q4_0", "IQ4_NL")
 
 class GGUFTarget:
     name = "gguf"
+    recipe_version = ""  # the first form: rows keep their keys
 
     def __init__(self, model, tokenizer, work: Path, threads: int = 2, exclude: list[str] = ()):
         self.model, self.config, self.work, self.threads = model, model.config, work, threads

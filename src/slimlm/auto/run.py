@@ -279,10 +279,12 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -
                 }
                 if settings.recover:
                     row["proxy_kl_recovered"] = solution.proxy
-            key = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).hexdigest()[:16]
+            # a row scored by an older form of the target's recipes is scored again
+            scored = row | ({"recipe_version": target.recipe_version} if target.recipe_version else {})
+            key = hashlib.sha256(json.dumps(scored, sort_keys=True).encode()).hexdigest()[:16]
             if key not in state["scores"]:
-                state["scores"][key] = shared.get(row) or shared.put(
-                    row, _score(settings, target, label, solution, out, loaded)
+                state["scores"][key] = shared.get(scored) or shared.put(
+                    scored, _score(settings, target, label, solution, out, loaded)
                 )
                 write_json_atomic(out / "state.json", state)
             figures = state["scores"][key]
@@ -334,12 +336,15 @@ def _score(settings, target, label: str, solution, out: Path, loaded) -> dict:
     # the label for people, what it holds for SharedScores: a rerun whose "candidate 1" is another mix gets a folder
     # of its own, and the scores kept for the older one still point at that one
     slug = label.replace(" ", "-").replace(".", "")
-    return _score_slimlm(settings, target, solution, out / "runs" / f"{slug}-{_mix_name(solution)[:8]}", loaded)
+    mix = _mix_name(solution, target.recipe_version)[:8]
+    return _score_slimlm(settings, target, solution, out / "runs" / f"{slug}-{mix}", loaded)
 
 
-def _mix_name(solution) -> str:
-    """A name for the output a solution describes: the hash of its formats and removed layers."""
-    return hashlib.sha256(json.dumps([solution.formats, solution.removed], sort_keys=True).encode()).hexdigest()[:16]
+def _mix_name(solution, recipe_version: str = "") -> str:
+    """A name for the output a solution describes: the hash of its formats and removed layers (and of the form of
+    the recipe that writes it, when the target versions it)."""
+    what = [solution.formats, solution.removed] + ([recipe_version] if recipe_version else [])
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _score_slimlm(settings, target, solution, folder: Path, loaded) -> dict:

@@ -60,19 +60,25 @@ def capture_group_inputs(layer: nn.Module, inputs, names: list[str], tokens: int
 
 
 def group_error(
-    x: torch.Tensor, weights: list[torch.Tensor], scales: torch.Tensor, grid: QuantGrid, references: list[torch.Tensor]
+    x: torch.Tensor,
+    weights: list[torch.Tensor],
+    scales: torch.Tensor,
+    grids: list[QuantGrid],
+    references: list[torch.Tensor],
 ) -> float:
-    """Σ over the group of mean ‖X Wᵀ − (X/s) Q(W·s)ᵀ‖² per output."""
+    """Σ over the group of mean ‖X Wᵀ − (X/s) Q(W·s)ᵀ‖² per output, each W on its own grid."""
     scaled_x = x / scales
     return sum(
-        (scaled_x @ fake_quantize(w * scales, grid).T - ref).pow(2).mean().item() for w, ref in zip(weights, references)
+        (scaled_x @ fake_quantize(w * scales, grid).T - ref).pow(2).mean().item()
+        for w, grid, ref in zip(weights, grids, references, strict=True)
     )
 
 
 def search_scales(
-    x: torch.Tensor, weights: list[torch.Tensor], grid: QuantGrid, grid_points: int = 20
+    x: torch.Tensor, weights: list[torch.Tensor], grids: list[QuantGrid], grid_points: int = 20
 ) -> tuple[torch.Tensor, float, float]:
-    """The per-input-channel scales with the lowest group error; returns (scales, α, error relative to α = 0)."""
+    """The per-input-channel scales with the lowest group error (each weight on its grid); returns (scales, α,
+    error relative to α = 0)."""
     activation = x.abs().mean(dim=0)
     references = [x @ w.T for w in weights]
     best = (None, 0.0, float("inf"))
@@ -81,7 +87,7 @@ def search_scales(
         alpha = point / grid_points
         scales = activation.pow(alpha).clamp(min=1e-4)
         scales = scales / (scales.max() * scales.min()).sqrt()
-        error = group_error(x, weights, scales, grid, references)
+        error = group_error(x, weights, scales, grids, references)
         baseline = error if baseline is None else baseline
         if error < best[2]:
             best = (scales, alpha, error)
@@ -97,7 +103,7 @@ def _scalable(layer: nn.Module, producer_name: str, consumer_names: tuple[str, .
 
 def scale_layer(layer: nn.Module, inputs, options: AWQOptions, seed: int) -> list[str]:
     """Search and fold the AWQ scales of every eligible group in the layer; returns a line per group."""
-    grid, targets = options.grid(), set(options.layer_targets())
+    targets = set(options.layer_targets())
     groups = [(p, c) for p, c in SCALE_GROUPS if _scalable(layer, p, c, targets)]
     captured = capture_group_inputs(layer, inputs, [c[0] for _, c in groups], options.search_tokens, seed)
     linears = layer_linears(layer)
@@ -105,7 +111,10 @@ def scale_layer(layer: nn.Module, inputs, options: AWQOptions, seed: int) -> lis
     for producer_name, consumer_names in groups:
         consumers = [linears[name] for name in consumer_names]
         scales, alpha, relative = search_scales(
-            captured[consumer_names[0]], [c.weight.float() for c in consumers], grid, options.grid_points
+            captured[consumer_names[0]],
+            [c.weight.float() for c in consumers],
+            [options.grid(name) for name in consumer_names],
+            options.grid_points,
         )
         fold_channel_scales(layer.get_submodule(producer_name), consumers, scales)
         lines.append(
@@ -119,7 +128,7 @@ def scale_layer(layer: nn.Module, inputs, options: AWQOptions, seed: int) -> lis
 @torch.no_grad()
 def awq_quantize(model, options: AWQOptions, context) -> None:
     """AWQ scales searched and folded layer by layer, then round-to-nearest on the scaled weights."""
-    grid, targets = options.grid(), set(options.layer_targets())
+    targets = set(options.layer_targets())
     seed = context.calibration.seed
     per_layer: list[str] = []
 
@@ -127,7 +136,7 @@ def awq_quantize(model, options: AWQOptions, context) -> None:
         per_layer.append(f"layer {index}: " + ", ".join(scale_layer(layer, inputs, options, seed + index)))
         for name, linear in layer_linears(layer).items():
             if name in targets:
-                store_quantized(linear, quantize_codes(linear.weight, grid))
+                store_quantized(linear, quantize_codes(linear.weight, options.grid(name)))
 
     walk_layers(model, context.calibration.windows(model, context.notes), quantize_layer, description="awq")
     context.notes.append(

@@ -185,7 +185,7 @@ def per_head_solve(weight: torch.Tensor, hessians: torch.Tensor, grid: QuantGrid
 @torch.no_grad()
 def gptq_quantize(model, options: GPTQOptions, context) -> None:
     """GPTQ of every target Linear, layer by layer, true-sequential within a layer."""
-    grid, targets = options.grid(), options.layer_targets()
+    targets = options.layer_targets()
     trouble: list[str] = []
     plain_value: list[int] = []
 
@@ -206,17 +206,21 @@ def gptq_quantize(model, options: GPTQOptions, context) -> None:
 
         def solve_set(names: list[str], stats) -> None:
             if per_head is not None and VALUE in names:
-                quantized, solver = per_head_solve(linears[VALUE].weight, per_head, grid, options)
+                quantized, solver = per_head_solve(linears[VALUE].weight, per_head, options.grid(VALUE), options)
                 store_quantized(linears[VALUE], quantized)
                 note(index, [VALUE], solver)
                 names = [name for name in names if name != VALUE]
-            if names:  # the rest of the set reads one input: one Hessian, one solve
-                parts, solver = stacked_solve(
-                    [linears[n].weight for n in names], stats[names[0]].hessian(release=True), grid, options
-                )
-                for name, quantized in zip(names, parts, strict=True):
+            if not names:
+                return
+            hessian = stats[names[0]].hessian(release=True)  # the rest of the set reads one input: one Hessian
+            by_grid: dict[QuantGrid, list[str]] = {}
+            for name in names:
+                by_grid.setdefault(options.grid(name), []).append(name)
+            for grid, alike in by_grid.items():  # one solve per grid (per_projection)
+                parts, solver = stacked_solve([linears[n].weight for n in alike], hessian, grid, options)
+                for name, quantized in zip(alike, parts, strict=True):
                     store_quantized(linears[name], quantized)
-                note(index, names, solver)
+                note(index, alike, solver)
 
         return true_sequential(layer, inputs, targets, solve_set)
 

@@ -16,6 +16,5 @@ from slimlm.quantize.stage import QuantizeOptions, register_quant_method, store_
 @torch.no_grad()
 def rtn_quantize(model, options: QuantizeOptions, context) -> None:
     """Each target Linear's weight rounded to its nearest grid point."""
-    grid = options.grid()
-    for _, linear in target_linears(model, options):
-        store_quantized(linear, quantize_codes(linear.weight, grid))
+    for name, linear in target_linears(model, options):
+        store_quantized(linear, quantize_codes(linear.weight, options.grid(name)))
