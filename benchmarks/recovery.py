@@ -425,6 +425,28 @@ def table(args) -> None:
     print(f"wrote {args.out} from {len(runs)} runs", file=sys.stderr)
 
 
+def claim(path: Path) -> bool:
+    """Take the (row, seed) whose result goes to `path` for this process, so that workers started side by side (one
+    per core) never train the same run: a .claim file holding the pid, created exclusively; a claim whose process is
+    gone is taken over."""
+    marker = path.with_suffix(".claim")
+    for _ in range(2):
+        try:
+            with open(marker, "x") as handle:
+                handle.write(str(os.getpid()))
+            return True
+        except FileExistsError:
+            try:
+                pid = int(marker.read_text())
+                if pid > 0:
+                    os.kill(pid, 0)
+                    return False  # its process is alive
+                marker.unlink(missing_ok=True)
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                marker.unlink(missing_ok=True)  # a killed worker's: take it over
+    return False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", help="comma-separated row keys, in the order to run (default: all)")
@@ -467,9 +489,15 @@ def main() -> None:
         if path.exists():
             print(f"skip {key} seed {seed}: {path} exists", file=sys.stderr)
             continue
+        if not claim(path):
+            print(f"skip {key} seed {seed}: another worker runs it ({path.with_suffix('.claim')})", file=sys.stderr)
+            continue
         print(f"run {key} seed {seed}", file=sys.stderr, flush=True)
-        result = runner.run(key, seed)
-        atomic_write(path, json.dumps(result, indent=2, default=str).encode())
+        try:
+            result = runner.run(key, seed)
+            atomic_write(path, json.dumps(result, indent=2, default=str).encode())
+        finally:
+            path.with_suffix(".claim").unlink(missing_ok=True)
         m = result["metrics"]
         print(
             f"{key} seed {seed}: ppl {m['perplexity']:.2f} SST-2 {m.get('sst2:acc', 0):.3f} "
