@@ -89,8 +89,8 @@ class QuantizeOptions(QuantizeTargets):
     # projection kind -> its own bits and group size (the other targets take the stage's). A mixed recipe is then one
     # calibration walk, so GPTQ's true-sequential order compensates every Linear for all those before it as in a
     # uniform one; split into a stage per format, each walk sees only its own Linears change (and a later stage's
-    # rounding lands on Linears already solved): SmolLM2 with q_proj at 3 bits and the rest at 4, KL 0.190 in four
-    # stages vs 0.186 for uniform 4-bit, whose Linears alone predicted the mix better
+    # rounding lands on Linears already solved) and the calibration walk runs once per format (SmolLM2, a 3/4-bit
+    # GPTQ mix: four stages KL 0.1895, one 0.1887; auto_slimlm.json)
     per_projection: dict[ProjectionName, ProjectionGrid] = Field(default_factory=dict)
 
     @model_validator(mode="after")
