@@ -35,7 +35,7 @@ def _tensors(path) -> dict[str, tuple[str, bytes]]:
 @pytest.mark.builtin  # not the built-in model, but slow: llama-quantize and llama-perplexity for every row
 def test_the_recipe_auto_writes_makes_its_model_gguf(model_dir, tmp_path, monkeypatch):
     # the solution with a layer removed, so the recipe carries prune_layers too (the search keeps one among its two)
-    monkeypatch.setattr(report, "best_candidate", lambda rows: next(r for r in rows if r.get("removed")))
+    monkeypatch.setattr(report, "chosen_row", lambda rows, budget: next(r for r in rows if r.get("removed")))
     out = tmp_path / "auto"
     settings = AutoSettings(
         model=str(model_dir),

@@ -2,7 +2,7 @@
 
 import pytest
 
-from slimlm.auto.report import best_candidate, pareto_png, spearman
+from slimlm.auto.report import best_candidate, chosen_row, pareto_png, spearman
 
 
 def _rows():
@@ -23,6 +23,17 @@ def test_spearman_uses_rows_with_a_proxy_only():
 
 def test_best_candidate_is_the_lowest_measured_kl_not_the_lowest_proxy():
     assert best_candidate(_rows())["label"] == "candidate 1"
+
+
+def test_the_answer_is_a_uniform_row_only_if_it_fits_and_measured_better():
+    rows = _rows()
+    for row in rows:
+        row["predicted_bytes"] = row["bytes"]
+    assert chosen_row(rows, {"resource": "bytes", "amount": 100})["label"] == "candidate 1"  # Q4_0 fits, is worse
+    assert chosen_row(rows, {"resource": "bytes", "amount": 140})["label"] == "uniform Q8_0"  # fits, is better
+    rows[3]["predicted_ms_per_token"] = 2.0
+    assert chosen_row(rows, {"resource": "ms_per_token", "amount": 2.5})["label"] == "uniform Q8_0"
+    assert chosen_row(rows, {"resource": "ms_per_token", "amount": 1.5})["label"] == "candidate 1"
 
 
 def test_pareto_plot_is_a_png():

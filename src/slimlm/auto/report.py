@@ -1,11 +1,12 @@
 """The `slimlm auto` report: report.md, report.json, pareto.png, and the chosen solution in runnable form.
 
-- slimlm target: ``recipe.yaml`` is the best candidate's recipe (`slimlm compress recipe.yaml` makes that model).
-- gguf target: ``model.gguf`` is the best candidate's file; ``recipe.yaml`` a recipe with no stages whose gguf
+- slimlm target: ``recipe.yaml`` is the answer's recipe (`slimlm compress recipe.yaml` makes that model): the best
+  candidate's, or a uniform row's that fits the budget and measured better (chosen_row).
+- gguf target: ``model.gguf`` is the answer's file; ``recipe.yaml`` a recipe with no stages whose gguf
   export (tensor_types, prune_layers) makes that same file with llama-quantize (`slimlm compress recipe.yaml`);
   ``tensor_types.txt`` and ``quantize.sh`` the bare llama-quantize call, for users without slimlm.
 
-"Best" is the candidate with the lowest measured KL divergence to the original (perplexity when no KL was
+The best candidate is the one with the lowest measured KL divergence to the original (perplexity when no KL was
 measured). Proxy-vs-real agreement is Spearman's rank correlation between the predicted KL and the measured one
 over every row that has both (candidates and the uniform mixes).
 """
@@ -33,8 +34,22 @@ def spearman(rows: list[dict], real: str = "kld") -> float | None:
 
 def best_candidate(rows: list[dict]) -> dict:
     candidates = [r for r in rows if r["label"].startswith("candidate")]
-    metric = "kld" if all(r.get("kld") is not None for r in candidates) else "ppl"
-    return min(candidates, key=lambda r: r[metric])
+    return min(candidates, key=lambda r: r[_metric(candidates)])
+
+
+def _metric(rows: list[dict]) -> str:
+    return "kld" if all(r.get("kld") is not None for r in rows) else "ppl"
+
+
+def chosen_row(rows: list[dict], budget: dict) -> dict:
+    """What auto answers with: the best candidate, unless a uniform row scored beside it fits the budget (by the
+    same prediction the candidates were chosen by) and measured better; then that uniform recipe, so the answer is
+    never worse than a uniform format the run compared it with."""
+    best = best_candidate(rows)
+    key = "predicted_bytes" if budget["resource"] == "bytes" else "predicted_ms_per_token"
+    uniform = [r for r in rows if r["label"].startswith("uniform") and r.get(key) is not None]
+    fitting = [r for r in uniform if r[key] <= budget["amount"] and r.get(_metric([best])) is not None]
+    return min([best, *fitting], key=lambda r: r[_metric([best])])  # a tie keeps the candidate
 
 
 def pareto_png(rows: list[dict], budget: int | None, title: str, latency_budget: float | None = None) -> bytes:
@@ -149,7 +164,7 @@ def _recovery_lines(summary: dict) -> list[str]:
 
 def write_report(summary: dict, out: Path, target) -> None:
     rows, budget = summary["rows"], summary["budget"]
-    best = best_candidate(rows)
+    best = chosen_row(rows, budget)
     summary["best"] = best["label"]
     summary["spearman_proxy_vs_kld"] = spearman(rows, "kld")
     summary["spearman_proxy_vs_ppl"] = spearman(rows, "ppl")
@@ -163,7 +178,13 @@ def write_report(summary: dict, out: Path, target) -> None:
         "",
         f"Budget {budget['text']}"
         + (f" = {budget['bytes']} bytes" if budget["bytes"] is not None else " of llama.cpp decode (predicted)")
-        + f". Best candidate: **{best['label']}** "
+        + f". Answer: **{best['label']}**"
+        + (
+            " (no searched candidate measured better than this uniform format, which fits)"
+            if best is not best_candidate(rows)
+            else ""
+        )
+        + " "
         f"({human_bytes(best['bytes'])}, ppl {best['ppl']:.3f}"
         + (f", KL {best['kld']:.4f}" if best.get("kld") is not None else "")
         + (f", {best['decode_ms_per_token']:.2f} ms/token" if best.get("decode_ms_per_token") else "")
