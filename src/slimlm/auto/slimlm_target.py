@@ -5,8 +5,8 @@ The quantize stage restricts a stage by projection (`targets`, with a grid of it
 `per_projection`) but not by layer, and a projection already packed cannot be quantized again (recipe.check_chain),
 so what a recipe can say today is one format per projection *kind* (q_proj, ..., down_proj) across all layers: one
 quantize stage per quantizer (RTN, then GPTQ), so that a mixed recipe is one GPTQ walk, true-sequential as a
-uniform one (with a stage per format each walk saw only its own Linears change: KL 0.1895 there, 0.1887 in one walk,
-for the mix that uniform GPTQ w4g64 still beats at 0.186).
+uniform one (with a stage per format each walk saw only its own Linears change; for SmolLM2's searched w4g64 mix
+KL 0.1895 there, 0.1887 in one walk, a move well inside one recipe's build noise: benchmarks/auto_build_noise.py).
 The items are those seven groups (their cost: every Linear of the kind changed at once); per-Linear formats need
 a per-layer override in the quantize stage (see the closing report of issue 15).
 

@@ -90,7 +90,7 @@ class QuantizeOptions(QuantizeTargets):
     # calibration walk, so GPTQ's true-sequential order compensates every Linear for all those before it as in a
     # uniform one; split into a stage per format, each walk sees only its own Linears change (and a later stage's
     # rounding lands on Linears already solved) and the calibration walk runs once per format (SmolLM2, a 3/4-bit
-    # GPTQ mix: four stages KL 0.1895, one 0.1887; auto_slimlm.json)
+    # GPTQ mix: four stages KL 0.1895, one 0.1887, well within one recipe's build noise: auto_build_noise.json)
     per_projection: dict[ProjectionName, ProjectionGrid] = Field(default_factory=dict)
 
     @model_validator(mode="after")
