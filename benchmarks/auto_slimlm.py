@@ -6,7 +6,8 @@ latency of uniform w4g64 (slimlm's plain decode path with the packed kernels, me
 candidates, and "uniform F" (every projection at F: RTN grids, and GPTQ's at 4 and 3 bits). Scorer for every row: the
 recipe's evaluate stage, WikiText-2 test perplexity and KL to the original on `--chunks` windows of 512 tokens;
 decode by evaluate/speed.measure_speed (16-token prompt, 32 new tokens, median of 3 runs, the load average beside).
-Written after every budget (results/auto_slimlm.json); a rerun resumes each budget's scored rows.
+Written after every budget (results/auto_slimlm.json); a rerun with the same settings resumes each budget's
+scored rows (`--work`/auto-<budget>-<settings hash>).
 
     python benchmarks/auto_slimlm.py [--budgets w4g64,w3g64,w4g64-latency] [--chunks 8] [--work DIR] [--uniform F,..]
 """
@@ -73,6 +74,9 @@ def main() -> None:
             resume=True,
             baselines=args.uniform.split(","),
         )
+        # a folder per budget and settings: a rerun with other --candidates or --uniform starts its own (resuming a
+        # folder of other settings is refused); the rows they share are reused through the work folder's scores
+        settings.output = str(args.work / f"auto-{name}-{settings.fingerprint()[:8]}")
         load, started = os.getloadavg()[0], (time.process_time(), time.perf_counter())
         summary = run_auto(settings)
         resource = summary["budget"]["resource"]
