@@ -80,9 +80,12 @@ def _targets(options) -> list[str]:
     return getattr(options, "targets", None) or list(SHORT_NAMES)
 
 
-def _check_divides(where: str, divisor: int, options, shape: Shape, side: int, what: str, advice: str) -> None:
-    """`divisor` must divide the input (side 0) or output (side 1) width of every target projection."""
-    for projection in _targets(options):
+def _check_divides(
+    where: str, divisor: int, options, shape: Shape, side: int, what: str, advice: str, projections=None
+) -> None:
+    """`divisor` must divide the input (side 0) or output (side 1) width of every target projection (or of
+    `projections`)."""
+    for projection in projections or _targets(options):
         width = shape.width(projection, side)
         if width is not None and width % divisor:
             raise SlimlmError(f"{where}: {divisor} does not divide the {width} {what} of {projection}; {advice}")
@@ -90,16 +93,14 @@ def _check_divides(where: str, divisor: int, options, shape: Shape, side: int, w
 
 @preflight("quantize")
 def _quantize(where: str, options, shape: Shape) -> Shape:
-    own = getattr(options, "per_projection", {})  # smoothquant's options have neither
+    if not hasattr(options, "grid"):  # smoothquant: per channel
+        return shape
     for projection in _targets(options):
-        group_size = own[projection].group_size if projection in own else getattr(options, "group_size", None)
-        width = shape.width(projection, 0)
-        if group_size is not None and width is not None and width % group_size:
-            field = f"per_projection.{projection}.group_size" if projection in own else "group_size"
-            raise SlimlmError(
-                f"{where}.{field}: {group_size} does not divide the {width} input features of {projection}; "
-                "use a divisor of it or null (one scale per output channel)"
-            )
+        group_size = options.grid(projection).group_size
+        if group_size is not None:
+            where_set = f"{where}.{options.group_size_field(projection)}"
+            advice = "use a divisor of it or null (one scale per output channel)"
+            _check_divides(where_set, group_size, options, shape, 0, "input features", advice, [projection])
     return shape
 
 

@@ -33,23 +33,27 @@ def spearman(rows: list[dict], real: str = "kld") -> float | None:
 
 
 def best_candidate(rows: list[dict]) -> dict:
-    candidates = [r for r in rows if r["label"].startswith("candidate")]
-    return min(candidates, key=lambda r: r[_metric(candidates)])
+    metric = _metric(rows)
+    return min(_candidates(rows), key=lambda r: r[metric])
+
+
+def _candidates(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["label"].startswith("candidate")]
 
 
 def _metric(rows: list[dict]) -> str:
-    return "kld" if all(r.get("kld") is not None for r in rows) else "ppl"
+    """What ranks the candidates: KL when every candidate has it, else perplexity."""
+    return "kld" if all(r.get("kld") is not None for r in _candidates(rows)) else "ppl"
 
 
 def chosen_row(rows: list[dict], budget: dict) -> dict:
     """What auto answers with: the best candidate, unless a uniform row scored beside it fits the budget (by the
     same prediction the candidates were chosen by) and measured better; then that uniform recipe, so the answer is
     never worse than a uniform format the run compared it with."""
-    best = best_candidate(rows)
-    key = "predicted_bytes" if budget["resource"] == "bytes" else "predicted_ms_per_token"
+    metric, key = _metric(rows), "predicted_bytes" if budget["resource"] == "bytes" else "predicted_ms_per_token"
     uniform = [r for r in rows if r["label"].startswith("uniform") and r.get(key) is not None]
-    fitting = [r for r in uniform if r[key] <= budget["amount"] and r.get(_metric([best])) is not None]
-    return min([best, *fitting], key=lambda r: r[_metric([best])])  # a tie keeps the candidate
+    fitting = [r for r in uniform if r[key] <= budget["amount"] and r.get(metric) is not None]
+    return min([best_candidate(rows), *fitting], key=lambda r: r[metric])  # a tie keeps the candidate
 
 
 def pareto_png(rows: list[dict], budget: int | None, title: str, latency_budget: float | None = None) -> bytes:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -114,8 +115,7 @@ def _family_references(options: list[Option]) -> tuple[int, ...]:
 def _quantize_stage(method: str, grids: dict[str, tuple[int, int]]) -> dict:
     """One quantize stage's options for projection kind -> (bits, group size): the grid most of them take as the
     stage's, the others per projection."""
-    counts = [list(grids.values()).count(grid) for grid in grids.values()]
-    bits, group = list(grids.values())[counts.index(max(counts))]
+    (bits, group), _ = Counter(grids.values()).most_common(1)[0]  # a tie: the first projection's
     own = {short: {"bits": b, "group_size": g} for short, (b, g) in grids.items() if (b, g) != (bits, group)}
     return {"method": method, "bits": bits, "group_size": group, "targets": list(grids)} | (
         {"per_projection": own} if own else {}
@@ -124,9 +124,7 @@ def _quantize_stage(method: str, grids: dict[str, tuple[int, int]]) -> dict:
 
 class SlimlmTarget:
     name = "slimlm"
-    recipe_version = (
-        "2"  # rows scored with recipes of another form are scored again (2: a quantize stage per quantizer)
-    )
+    recipe_version = "2"  # rows scored by recipes of another form are scored again (2: a stage per quantizer)
 
     def __init__(self, model, dtype: str = "bfloat16", exclude: list[str] = (), work: Path | None = None):
         self.model, self.dtype, self.exclude = model, dtype, set(exclude)

@@ -108,8 +108,12 @@ class QuantizeOptions(QuantizeTargets):
 
     def grids(self) -> list[QuantGrid]:
         """Every grid the stage's targets take (the stage's first, if some target takes it)."""
-        found = {self.grid(name): None for name in self.layer_targets()}
-        return list(found)
+        return list(dict.fromkeys(self.grid(name) for name in self.layer_targets()))
+
+    def group_size_field(self, projection: str) -> str:
+        """The option that sets `projection`'s group size, as a recipe names it (for error messages)."""
+        short = projection.rsplit(".", 1)[-1]
+        return f"per_projection.{short}.group_size" if short in self.per_projection else "group_size"
 
 
 def target_linears(model, options: QuantizeOptions) -> list[tuple[str, nn.Linear]]:
@@ -131,11 +135,9 @@ def _check_group_size(targets: list[tuple[str, nn.Linear]], options: QuantizeOpt
     for name, linear in targets:
         group_size = options.grid(name).group_size
         if group_size is not None and linear.in_features % group_size:
-            short = name.rsplit(".", 1)[-1]
-            field = f"per_projection.{short}.group_size" if short in options.per_projection else "group_size"
             raise SlimlmError(
-                f"quantize.{field}: {group_size} does not divide the {linear.in_features} input features "
-                f"of {name}; use a divisor of it or null (one scale per output channel)"
+                f"quantize.{options.group_size_field(name)}: {group_size} does not divide the {linear.in_features} "
+                f"input features of {name}; use a divisor of it or null (one scale per output channel)"
             )
 
 
