@@ -65,3 +65,48 @@ def test_the_recipe_auto_writes_makes_its_model_gguf(model_dir, tmp_path, monkey
     made = out / "compress" / "export" / "model.gguf"
     assert _tensors(made) == _tensors(out / "model.gguf")
     assert made.read_bytes() == (out / "model.gguf").read_bytes()
+
+
+@pytest.mark.builtin  # not the built-in model, but slow: llama-quantize and llama-perplexity for every row
+def test_a_searched_mlp_cut_goes_into_the_gguf_and_its_recipe(model_dir, tmp_path, monkeypatch):
+    import slimlm.auto.run as run_module
+
+    def measure_with_free_cuts(*args, **kwargs):  # a cut that costs nothing: the search takes it
+        costs = measure(*args, **kwargs)
+        costs.widths = dict.fromkeys(costs.widths, 0.0)
+        return costs
+
+    measure = run_module.measure
+    monkeypatch.setattr(run_module, "measure", measure_with_free_cuts)
+    monkeypatch.setattr(report, "chosen_row", lambda rows, budget: next(r for r in rows if r.get("mlp_channels")))
+    out = tmp_path / "auto"
+    settings = AutoSettings(
+        model=str(model_dir),
+        budget="4.4MB",
+        target="gguf",
+        output=str(out),
+        candidates=2,
+        max_removed=0,
+        calib_data=write_documents(tmp_path),
+        calib_samples=2,
+        calib_seq_len=16,
+        fit_samples=2,
+        fit_seq_len=16,
+        eval_chunks=1,
+        baselines=["Q8_0"],
+        decode=False,
+        mlp_keep=[0.5],
+    )
+    summary = run_auto(settings)
+    assert summary["search"]["mlp_widths"] == {"64": 0.0}  # 128 channels, cut to multiples of 32
+    best = next(r for r in summary["rows"] if r["label"] == summary["best"])
+    assert best["mlp_channels"] == 64 and "| 64 |" in (out / "report.md").read_text()
+    assert best["bytes"] == best["predicted_bytes"]  # the cut's bytes scale exactly with the channels kept
+    reader = gguf.GGUFReader(out / "model.gguf")
+    assert int(reader.fields["llama.feed_forward_length"].parts[-1][0]) == 64
+
+    data = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert data["stages"] == [{"prune_width": {"mlp_keep": 64}}]
+    assert data["calibration"] == {"data": settings.calib_data, "samples": 2, "seq_len": 16, "seed": 1}
+    run_recipe(load_recipe(out / "recipe.yaml"))
+    assert (out / "compress" / "export" / "model.gguf").read_bytes() == (out / "model.gguf").read_bytes()

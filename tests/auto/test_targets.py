@@ -11,6 +11,7 @@ from slimlm.auto.allocate import allocate, size_resource, uniform_solution
 from slimlm.auto.probe import Probe
 from slimlm.auto.sensitivity import Costs, Item, Option
 from slimlm.auto.slimlm_target import SlimlmTarget, parse_option
+from slimlm.auto.widths import width_share
 from slimlm.evaluate.footprint import size_on_disk
 from slimlm.lowrank.layers import CompensatedLinear
 from slimlm.models import save_model
@@ -19,17 +20,21 @@ from slimlm.quantize.grid import QuantGrid
 from slimlm.recipe import parse_recipe
 
 
-@pytest.mark.parametrize("removed", [(), (1,)])
-def test_predicted_folder_size_is_the_saved_ones(tiny_model, tiny_tokenizer, tmp_path, removed):
+@pytest.mark.parametrize(("removed", "channels"), [((), None), ((1,), None), ((1,), 64)])
+def test_predicted_folder_size_is_the_saved_ones(tiny_model, tiny_tokenizer, tmp_path, removed, channels):
     target = SlimlmTarget(tiny_model, dtype="float32")
     items = target.items()
     formats = {item.name: ("w4g32" if i % 2 else "w2g64") for i, item in enumerate(items)}
     share = 1 - len(removed) / len(tiny_model.model.layers)  # every layer's Linears of a kind are alike
+    intermediate = tiny_model.config.intermediate_size
     predicted = target.fixed_bytes(items)(frozenset(removed)) + share * sum(
-        next(o.bytes for o in item.options if o.name == formats[item.name]) for item in items
+        width_share(item.name, channels, intermediate)
+        * next(o.bytes for o in item.options if o.name == formats[item.name])
+        for item in items
     )
-    recipe = parse_recipe(target.recipe(formats, "m", {}, {}, tmp_path, removed))
-    assert [s.name for s in recipe.stages][: len(removed)] == ["prune_depth"] * bool(removed)
+    recipe = parse_recipe(target.recipe(formats, "m", {}, {}, tmp_path, removed, channels))
+    structure = ["prune_width"] * bool(channels) + ["prune_depth"] * bool(removed)
+    assert [s.name for s in recipe.stages][: len(structure)] == structure
     for stage in recipe.stages:
         run_stage(tiny_model, stage.name, **stage.options.model_dump(exclude_unset=True))
     save_model(tiny_model, tiny_tokenizer, tmp_path / "model")

@@ -7,8 +7,10 @@ couples with it (a removed layer's Linears take nothing whatever their format), 
 r = 0, 1, ... `max_removed`, the r layers whose removal costs least (measured one by one, summed as if additive)
 go, the knapsack allocates the rest of the budget over the remaining items, and the solution's proxy cost is the
 removal cost plus the formats'. When recovery follows (`removal_weight` < 1) a removal counts for that part of its
-measured cost: the solutions are ranked by what is predicted after recovery. The best `count` solutions over every
-r (each at a few budgets just under the limit) are the candidates; every solution carries its predicted amount of
+measured cost: the solutions are ranked by what is predicted after recovery. The MLP width (widths.py) is a second
+outer choice: under a cut every MLP item's amounts and cost scale with the channels kept, and its measured KL is
+added (removals and cut taken as additive, as the items are). The best `count` solutions over every (r, width)
+(each at a few budgets just under the limit) are the candidates; every solution carries its predicted amount of
 every resource given.
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 from slimlm.auto import knapsack
 from slimlm.auto.sensitivity import Costs
+from slimlm.auto.widths import width_share
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Solution:
     predicted: dict[str, float] = field(default_factory=dict)  # resource name -> predicted amount
     removal: float = 0.0  # the removed layers' measured (unweighted) cost, part of `proxy` at removal_weight
     removal_weight: float = 1.0
+    mlp_channels: int | None = None  # MLP channels every layer keeps (None: all)
 
     @property
     def raw_proxy(self) -> float:
@@ -68,20 +72,34 @@ def allocate(
     found: list[Solution] = []
     for r in range(max(0, min(max_removed, len(order) - 1)) + 1):  # one layer at least must stay
         removed = frozenset(order[:r])
-        shares = {i: kept_share(item, removed) for i, item in enumerate(costs.items)}
-        kept = [i for i, share in shares.items() if share > 0]
-        item_costs = [[c * shares[i] for c in costs.costs[i]] for i in kept]
-        amounts = [[a * shares[i] for a in limit.amounts[i]] for i in kept]
-        room = budget - limit.fixed(removed)
-        removal_cost = sum(costs.removal[layer] for layer in removed)
-        for choice in knapsack.candidates(item_costs, amounts, room, count=count, resolution=limit.resolution):
-            picked = dict(zip(kept, choice, strict=True))
-            formats = {costs.items[i].name: costs.items[i].options[j].name for i, j in picked.items()}
-            proxy = removal_weight * removal_cost + knapsack.total(item_costs, choice)
-            predicted = _predicted([limit, *also], picked, removed, shares)
-            found.append(Solution(formats, tuple(sorted(removed)), proxy, predicted, removal_cost, removal_weight))
+        for channels in (None, *costs.widths):
+            found += _solve(costs, budget, limit, also, removed, channels, removal_weight, count)
     found.sort(key=lambda s: s.proxy)
     return found[:count]
+
+
+def _solve(costs, budget, limit, also, removed, channels, removal_weight, count) -> list[Solution]:
+    """The knapsack's best `count` format choices with `removed` layers gone and the MLP at `channels`."""
+    shares = {
+        i: kept_share(item, removed) * width_share(item.name, channels, costs.intermediate)
+        for i, item in enumerate(costs.items)
+    }
+    kept = [i for i, share in shares.items() if share > 0]
+    item_costs = [[c * shares[i] for c in costs.costs[i]] for i in kept]
+    amounts = [[a * shares[i] for a in limit.amounts[i]] for i in kept]
+    room = budget - limit.fixed(removed)
+    removal_cost = sum(costs.removal[layer] for layer in removed)
+    structure = removal_weight * removal_cost + (costs.widths[channels] if channels else 0.0)
+    found = []
+    for choice in knapsack.candidates(item_costs, amounts, room, count=count, resolution=limit.resolution):
+        picked = dict(zip(kept, choice, strict=True))
+        formats = {costs.items[i].name: costs.items[i].options[j].name for i, j in picked.items()}
+        proxy = structure + knapsack.total(item_costs, choice)
+        predicted = _predicted([limit, *also], picked, removed, shares)
+        found.append(
+            Solution(formats, tuple(sorted(removed)), proxy, predicted, removal_cost, removal_weight, channels)
+        )
+    return found
 
 
 def kept_share(item, removed: frozenset[int]) -> float:

@@ -24,6 +24,11 @@ def auto_command(
         "", "--baselines", help="Comma list: llama.cpp types (gguf) or uniform formats like w4g64 (slimlm) to score."
     ),
     exclude: str = typer.Option("", "--exclude", help="Comma list of formats the search may not use (Q4_1, w2g64)."),
+    mlp_keep: str = typer.Option(
+        "",
+        "--mlp-keep",
+        help="Comma list of MLP widths the search may cut every layer to, as fractions of the channels (0.83,0.67).",
+    ),
     decode: bool = typer.Option(True, "--decode/--no-decode", help="Time every row's decode in the target's runtime."),
     recover: int | None = typer.Option(
         None,
@@ -57,6 +62,7 @@ def auto_command(
         exclude=[x.strip() for x in exclude.split(",") if x.strip()],
         decode=decode,
         recover=recover,
+        mlp_keep=_fractions(mlp_keep),
     )
     summary = run_auto(settings)
     best = next(r for r in summary["rows"] if r["label"] == summary["best"])
@@ -65,3 +71,14 @@ def auto_command(
         f"{summary['best']}: {best['bytes']} bytes{speed} (budget {summary['budget']['text']}), "
         f"ppl {best['ppl']:.3f}; report {output}/report.md"
     )
+
+
+def _fractions(text: str) -> list[float]:
+    from slimlm.errors import SlimlmError
+
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SlimlmError(
+            f"--mlp-keep {text!r}: give fractions of the MLP's channels, comma-separated (0.83,0.67)"
+        ) from None

@@ -33,7 +33,7 @@ class GGUFTarget:
     recipe_version = ""  # the first form: rows keep their keys
 
     def __init__(self, model, tokenizer, work: Path, threads: int = 2, exclude: list[str] = ()):
-        self.model, self.config, self.work, self.threads = model, model.config, work, threads
+        self.model, self.tokenizer, self.config, self.work, self.threads = model, tokenizer, model.config, work, threads
         self.exclude = {t.upper() for t in exclude}
         self.f32 = work / "f32.gguf"
         if not self.f32.is_file():
@@ -97,10 +97,26 @@ class GGUFTarget:
 
         return fixed
 
-    def write(self, formats: dict[str, str], removed: tuple[int, ...], path: Path) -> Path:
+    @staticmethod
+    def width_step(intermediate: int) -> int:
+        """MLP widths are cut to multiples of this: down_proj keeps every type its full rows allow (k-quants: 256)."""
+        return 256 if intermediate % 256 == 0 else 32
+
+    def write(self, formats: dict[str, str], removed: tuple[int, ...], path: Path, source: Path | None = None) -> Path:
+        """llama-quantize of `source` (default: the original's f32 file) with `formats`, `removed` layers left out."""
         return mixed.write_mixed_gguf(
-            self.f32, path, self.gguf_names(formats), removed=frozenset(removed), threads=self.threads
+            source or self.f32, path, self.gguf_names(formats), removed=frozenset(removed), threads=self.threads
         )
+
+    def source(self, cut, name: str) -> Path:
+        """The f32 GGUF of `cut` (the original with its MLP cut, widths.WidthCuts), kept as <work>/cut/<name>.gguf
+        for every mix at that width."""
+        path = self.work / "cut" / f"{name}.gguf"
+        if not path.is_file():
+            from slimlm.export.gguf import export_gguf
+
+            export_gguf(cut, self.tokenizer, path, dtype="f32")  # atomic: the complete file or none
+        return path
 
     def llama_type(self, type_name: str, path: Path) -> Path:
         """llama.cpp's own recipe `type_name` (Q4_K_M, Q2_K, ...) of the f32 file: the baselines."""

@@ -17,6 +17,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from slimlm.auto.widths import width_stage
 from slimlm.export import mixed_types as mixed
 
 # benchmarks/results/auto_recover.json, SmolLM2-135M, 40,960 c4 tokens: 77 %, 69 % and 73 % of the KL left with
@@ -39,10 +40,17 @@ def renumbered(formats: dict[str, str], removed: list[int]) -> dict[str, str]:
 
 
 def recovery_recipe(
-    model: str, formats: dict[str, str], removed: list[int], tokens: int, output: Path, pre: str | None = None
+    model: str,
+    formats: dict[str, str],
+    removed: list[int],
+    tokens: int,
+    output: Path,
+    pre: str | None = None,
+    width: tuple[int, dict] | None = None,
 ) -> dict:
     """The recipe that removes `removed`, distills for `tokens` and exports `formats` to <output>/export/model.gguf
-    (`pre`: llama.cpp's pre-tokenizer name, that of the file the search started from)."""
+    (`pre`: llama.cpp's pre-tokenizer name, that of the file the search started from; `width`: (MLP channels,
+    the calibration the cut is fitted to) when the candidate cuts the MLP first, as its unrecovered file does)."""
     steps = recovery_steps(tokens)
     distill = {
         "steps": steps,
@@ -54,11 +62,13 @@ def recovery_recipe(
         "loss": {"kl": 1.0},
         "checkpoint_every": 0,
     }
+    cut = {"calibration": width[1], "stages": [width_stage(width[0])]} if width else {"stages": []}
     return {
         "model": model,
         "dtype": "float32",
         "evaluate": {"tasks": [], "speed": False},  # the GGUF is scored by llama-perplexity, as every row
-        "stages": [{"prune_depth": {"layers": sorted(removed)}}, {"distill": distill}],
+        **({"calibration": cut["calibration"]} if width else {}),
+        "stages": cut["stages"] + [{"prune_depth": {"layers": sorted(removed)}}, {"distill": distill}],
         "export": [
             {"format": "gguf", "tensor_types": renumbered(formats, removed), "base_type": mixed.BASE_TYPE}
             | ({"pre": pre} if pre else {})
@@ -67,8 +77,11 @@ def recovery_recipe(
     }
 
 
-def recovered_rows(settings, target, rows: list[dict], state: dict, out: Path, save_state, text: Path) -> list[dict]:
-    """The recovered form of every candidate row that removes layers, scored (and kept in `state` for --resume)."""
+def recovered_rows(
+    settings, target, rows: list[dict], state: dict, out: Path, save_state, text: Path, calibration: dict
+) -> list[dict]:
+    """The recovered form of every candidate row that removes layers, scored (and kept in `state` for --resume);
+    `calibration`: the windows an MLP cut is fitted to."""
     import yaml
 
     from slimlm.export.gguf_vocab import read_gguf_pre
@@ -81,10 +94,14 @@ def recovered_rows(settings, target, rows: list[dict], state: dict, out: Path, s
     with progress_bar("auto: recovery", total=len(pruned)) as advance:
         for row in pruned:
             what = [row["formats"], row["removed"], settings.recover]
+            width = (row["mlp_channels"], calibration) if row.get("mlp_channels") else None
+            what += [row["mlp_channels"]] if width else []  # rows without a cut keep their keys
             key = "recover-" + hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
             folder = out / "recover" / row["label"].replace(" ", "-")
             if key not in state["scores"]:
-                data = recovery_recipe(settings.model, row["formats"], row["removed"], settings.recover, folder, pre)
+                data = recovery_recipe(
+                    settings.model, row["formats"], row["removed"], settings.recover, folder, pre, width
+                )
                 folder.mkdir(parents=True, exist_ok=True)
                 (folder / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
                 run_recipe(parse_recipe(data, str(folder / "recipe.yaml")))
@@ -105,6 +122,7 @@ def recovered_rows(settings, target, rows: list[dict], state: dict, out: Path, s
                     "proxy_kl": row["proxy_kl_recovered"],
                     "predicted_bytes": row["predicted_bytes"],
                     "recovered_from": row["label"],
+                    **({"mlp_channels": row["mlp_channels"]} if width else {}),
                     "recover_tokens": recovery_steps(settings.recover) * BATCH_SIZE * SEQ_LEN,
                     "kld_before_recovery": row["kld"],
                 }

@@ -18,6 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
+from slimlm.auto.widths import width_stage
 from slimlm.pipeline import write_json_atomic
 from slimlm.report_common import human_bytes
 
@@ -100,8 +101,9 @@ def _panel(ax, rows: list[dict], x, xlabel: str, limit: float | None) -> None:
 
 def _table(rows: list[dict]) -> list[str]:
     lines = [
-        "| row | size | predicted | proxy KL | ppl | KL | decode tok/s | ms/token (predicted) | removed layers |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | size | predicted | proxy KL | ppl | KL | decode tok/s | ms/token (predicted) | removed layers "
+        "| MLP channels |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         proxy = f"{r['proxy_kl']:.4f}" if r.get("proxy_kl") is not None else "—"
@@ -110,7 +112,7 @@ def _table(rows: list[dict]) -> list[str]:
         removed = ",".join(map(str, r.get("removed") or [])) or "—"
         lines.append(
             f"| {r['label']} | {human_bytes(r['bytes'])} ({r['bytes']}) | {predicted} | {proxy} | {r['ppl']:.3f} | "
-            f"{kld} | {_speed(r)} | {removed} |"
+            f"{kld} | {_speed(r)} | {removed} | {r.get('mlp_channels') or 'all'} |"
         )
     return lines
 
@@ -172,7 +174,7 @@ def write_report(summary: dict, out: Path, target) -> None:
     summary["best"] = best["label"]
     summary["spearman_proxy_vs_kld"] = spearman(rows, "kld")
     summary["spearman_proxy_vs_ppl"] = spearman(rows, "ppl")
-    _write_solution(best, out, target, summary["settings"]["model"])
+    _write_solution(best, out, target, summary["settings"]["model"], summary.get("width_calibration"))
     title = f"{summary['settings']['model']} -> {target.name}, budget {budget['text']}"
     latency = budget["amount"] if budget.get("resource") == "ms_per_token" else None
     (out / "pareto.png").write_bytes(pareto_png(rows, budget["bytes"], title, latency))
@@ -225,11 +227,11 @@ def _protocol(rows: list[dict], target: str) -> str:
     return "slimlm perplexity_records, " + ", ".join(f"{k}={v}" for k, v in protocol.items())
 
 
-def _write_solution(best: dict, out: Path, target, model: str) -> None:
+def _write_solution(best: dict, out: Path, target, model: str, calibration: dict | None) -> None:
     if best.get("recipe"):  # made by running a recipe (the slimlm target, a recovered candidate): that is the answer
         shutil.copyfile(best["recipe"], out / "recipe.yaml")
     else:
-        _write_gguf_recipe(best, out, target, model)
+        _write_gguf_recipe(best, out, target, model, calibration)
     if target.name == "gguf":
         final = out / "model.gguf"
         final.unlink(missing_ok=True)
@@ -239,16 +241,19 @@ def _write_solution(best: dict, out: Path, target, model: str) -> None:
             shutil.copyfile(best["path"], final)
 
 
-def _write_gguf_recipe(best: dict, out: Path, target, model: str) -> None:
+def _write_gguf_recipe(best: dict, out: Path, target, model: str, calibration: dict | None) -> None:
     import yaml
 
     from slimlm.export.mixed_types import BASE_TYPE
 
-    # the gguf target's file as a recipe: no stages (the export is the compression), the float32 model exported as
-    # f32 and llama-quantized with the candidate's types (GGUFTarget.write: the same call, the same base type)
+    # the gguf target's file as a recipe: no stages (the export is the compression) unless the MLP is cut, the float32
+    # model exported as f32 and llama-quantized with the candidate's types (GGUFTarget.write: the same call, the same
+    # base type)
+    cut = best.get("mlp_channels")
     recipe = {
         "model": model,
         "dtype": "float32",
+        **({"calibration": calibration, "stages": [width_stage(cut)]} if cut else {}),
         "evaluate": {"tasks": [], "speed": False},  # slimlm would score the unchanged model, not the GGUF
         "export": [
             {
@@ -262,7 +267,8 @@ def _write_gguf_recipe(best: dict, out: Path, target, model: str) -> None:
     }
     (out / "recipe.yaml").write_text(
         f"# slimlm auto's {best['label']}: `slimlm compress recipe.yaml` writes {out / 'compress'}/export/model.gguf,\n"
-        "# the tensors of model.gguf (llama-quantize of the f32 export with these types, these layers removed).\n"
+        "# the tensors of model.gguf (llama-quantize of the f32 export with these types, these layers removed;\n"
+        "# the MLP cut first when it has a prune_width stage).\n"
         "# Its llama-perplexity figures are in report.md; slimlm's evaluate would only score the unchanged model.\n"
         + yaml.safe_dump(recipe, sort_keys=False)
     )
@@ -270,8 +276,9 @@ def _write_gguf_recipe(best: dict, out: Path, target, model: str) -> None:
     (out / "tensor_types.txt").write_text("\n".join(lines) + "\n")
     removed = ",".join(map(str, best["removed"]))
     prune = f" --prune-layers {removed}" if removed else ""
+    source = "f32.gguf" if not cut else f"f32.gguf (of the model cut to {cut} MLP channels: recipe.yaml)"
     (out / "quantize.sh").write_text(
-        "# llama-quantize call making model.gguf from the f32 GGUF (token_embd's type is in tensor_types.txt:\n"
+        f"# llama-quantize call making model.gguf from {source} (token_embd's type is in tensor_types.txt:\n"
         "# pass it as --token-embedding-type; the others as anchored --tensor-type-file patterns)\n"
         f"llama-quantize --pure --tensor-type-file tensor_types.txt{prune} f32.gguf model.gguf Q8_0\n"
     )

@@ -19,6 +19,7 @@ from slimlm.auto.budget import parse_budget
 from slimlm.auto.probe import Probe, input_hessians
 from slimlm.auto.recover import REMOVAL_KL_LEFT, recovered_rows
 from slimlm.auto.sensitivity import CostCache, Costs, measure
+from slimlm.auto.widths import WidthCuts, width_counts
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import parameter_counts
 from slimlm.paths import cache_dir, shared_data_dir
@@ -61,6 +62,9 @@ class AutoSettings:
     # not look at speed: on a busy 2-core machine a 2-thread llama-bench of a tiny model can take minutes
     decode: bool = True
     recover: int | None = None  # gguf: distill candidates that remove layers for this many tokens (recover.py)
+    # fractions of the MLP's channels every layer may keep (widths.py; rounded down to the target's step); none: the
+    # width is not searched
+    mlp_keep: list[float] = field(default_factory=list)
 
     def fingerprint(self) -> str:
         data = asdict(self)
@@ -68,8 +72,9 @@ class AutoSettings:
         data.pop("output")
         data.pop("work")
         data.pop("decode")  # what is scored does not depend on it: the rows' timings live in the work folder
-        if data["recover"] is None:  # runs from before --recover keep their fingerprint
-            data.pop("recover")
+        for name, unset in (("recover", None), ("mlp_keep", [])):  # runs from before these keep their fingerprint
+            if data[name] == unset:
+                data.pop(name)
         if self.target != "slimlm":  # unused there (and runs from before them keep their fingerprint)
             data.pop("fit_samples")
             data.pop("fit_seq_len")
@@ -107,6 +112,9 @@ def run_auto(settings: AutoSettings) -> dict:
     if budget.resource == "ms_per_token" and not settings.decode:
         raise SlimlmError(f"--budget {settings.budget!r}: a latency budget needs the decode timings (drop --no-decode)")
     _check_recover(settings)
+    bad = [f for f in settings.mlp_keep if not 0 < f < 1]
+    if bad:
+        raise SlimlmError(f"--mlp-keep {bad[0]}: give fractions of the MLP's channels between 0 and 1 (0.75)")
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
     state = _state(out, settings)
@@ -116,7 +124,8 @@ def run_auto(settings: AutoSettings) -> dict:
     target = _target(settings, loaded, out)
     parameters = parameter_counts(model)["total"]
     limit = budget.amount(parameters)
-    costs, cache = sensitivity_costs(settings, loaded, target)
+    cuts = width_cuts(settings, loaded)
+    costs, cache = sensitivity_costs(settings, loaded, target, cuts)
     resources = _resources(target, costs, settings.decode)
     search_cpu, search_wall = time.process_time() - started[0], time.perf_counter() - started[1]
     chosen = resources[budget.resource]
@@ -132,10 +141,10 @@ def run_auto(settings: AutoSettings) -> dict:
             f"can make ({smallest:g} {unit} with every format at its smallest)"
         )
     uniform = _uniform_solutions(settings, costs, list(resources.values()))
-    rows = _score_all(settings, target, solutions, uniform, state, out, loaded)
+    rows = _score_all(settings, target, solutions, uniform, state, out, loaded, cuts)
     if settings.recover:
         save = lambda: write_json_atomic(out / "state.json", state)  # noqa: E731
-        rows += recovered_rows(settings, target, rows, state, out, save, _wikitext_test())
+        rows += recovered_rows(settings, target, rows, state, out, save, _wikitext_test(), fit_calibration(settings))
     summary = {
         "settings": asdict(settings),
         "budget": {
@@ -153,9 +162,11 @@ def run_auto(settings: AutoSettings) -> dict:
             "cache": str(cache.path),
             "items": len(costs.items),
             "options": sum(len(i.options) for i in costs.items),
+            "mlp_widths": {str(n): kl for n, kl in costs.widths.items()},
             "calibration": f"{settings.calib_samples} x {settings.calib_seq_len} tokens of {settings.calib_data}",
         },
         "rows": rows,
+        "width_calibration": fit_calibration(settings) if cuts else None,
     }
     if settings.recover:
         summary["recovery"] = _recovery_summary(settings, rows)
@@ -167,9 +178,27 @@ def run_auto(settings: AutoSettings) -> dict:
     return summary
 
 
-def sensitivity_costs(settings: AutoSettings, loaded, target) -> tuple[Costs, CostCache]:
-    """The cost of every (item, option) and of removing each decoder layer (when --max-removed allows any),
-    measured on the calibration windows or read from the cache of earlier searches on the same model."""
+def fit_calibration(settings: AutoSettings) -> dict:
+    """The windows GPTQ, EoRA and an MLP cut fit to, as a recipe's `calibration`."""
+    return {"data": settings.calib_data, "samples": settings.fit_samples, "seq_len": settings.fit_seq_len, "seed": 1}
+
+
+def width_cuts(settings: AutoSettings, loaded) -> WidthCuts | None:
+    """The original's MLP cuts, fitted to the recipe's calibration windows (None when the width is not searched)."""
+    if not settings.mlp_keep:
+        return None
+    from slimlm.data import calibration_windows, load_text
+
+    calibration = fit_calibration(settings)
+    text = load_text(settings.calib_data)
+    windows = calibration_windows(loaded.tokenizer, text, settings.fit_samples, settings.fit_seq_len, 1)
+    return WidthCuts(loaded.model, windows, calibration)
+
+
+def sensitivity_costs(settings: AutoSettings, loaded, target, cuts: WidthCuts | None = None) -> tuple[Costs, CostCache]:
+    """The cost of every (item, option), of removing each decoder layer (when --max-removed allows any) and of
+    each MLP width (`cuts`), measured on the calibration windows or read from the cache of earlier searches on the
+    same model."""
     from slimlm.data import calibration_windows, load_text
     from slimlm.models import source_fingerprint
 
@@ -189,7 +218,15 @@ def sensitivity_costs(settings: AutoSettings, loaded, target) -> tuple[Costs, Co
         items = target.items(probe, input_hessians(loaded.model, fit))
     else:
         items = target.items(probe)
-    return measure(probe, items, cache, removable), cache
+    widths = []
+    if cuts is not None:
+        widths = width_counts(cuts.intermediate, settings.mlp_keep, target.width_step(cuts.intermediate))
+        if not widths:
+            raise SlimlmError(
+                f"--mlp-keep {','.join(map(str, settings.mlp_keep))}: no width below the MLP's {cuts.intermediate} "
+                f"channels is a multiple of {target.width_step(cuts.intermediate)} (the {target.name} target's step)"
+            )
+    return measure(probe, items, cache, removable, cuts, widths), cache
 
 
 def _check_recover(settings: AutoSettings) -> None:
@@ -261,7 +298,7 @@ def _uniform_solutions(settings: AutoSettings, costs, resources: list[Resource])
     return found
 
 
-def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -> list[dict]:
+def _score_all(settings, target, solutions, uniform, state, out: Path, loaded, cuts=None) -> list[dict]:
     """Every candidate, uniform mix and llama.cpp baseline written and scored (what state.json has is kept)."""
     jobs = [(f"candidate {i + 1}", s) for i, s in enumerate(solutions)] + list(uniform.items())
     if settings.target == "gguf":
@@ -279,12 +316,14 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded) -
                 }
                 if settings.recover:
                     row["proxy_kl_recovered"] = solution.proxy
+                if solution.mlp_channels:  # only then: the rows of uncut mixes keep their keys
+                    row["mlp_channels"] = solution.mlp_channels
             # a row scored by an older form of the target's recipes is scored again
             scored = row | ({"recipe_version": target.recipe_version} if target.recipe_version else {})
             key = hashlib.sha256(json.dumps(scored, sort_keys=True).encode()).hexdigest()[:16]
             if key not in state["scores"]:
                 state["scores"][key] = shared.get(scored) or shared.put(
-                    scored, _score(settings, target, label, solution, out, loaded)
+                    scored, _score(settings, target, label, solution, out, loaded, cuts)
                 )
                 write_json_atomic(out / "state.json", state)
             figures = state["scores"][key]
@@ -322,7 +361,7 @@ class SharedScores:
         return figures
 
 
-def _score(settings, target, label: str, solution, out: Path, loaded) -> dict:
+def _score(settings, target, label: str, solution, out: Path, loaded, cuts=None) -> dict:
     if settings.target == "gguf":
         text = _wikitext_test()
         if solution is None:
@@ -331,7 +370,9 @@ def _score(settings, target, label: str, solution, out: Path, loaded) -> dict:
             # named by what it holds, in the shared work folder: a mix another budget's run wrote is reused
             path = target.work / "mixes" / f"{_mix_name(solution)}.gguf"
             if not path.is_file():
-                target.write(solution.formats, solution.removed, path)
+                channels = solution.mlp_channels
+                source = target.source(cuts.cut(channels), _cut_name(cuts, channels)) if channels else None
+                target.write(solution.formats, solution.removed, path, source)
         return target.score(path, text, settings.eval_chunks) | {"path": str(path)}
     # the label for people, what it holds for SharedScores: a rerun whose "candidate 1" is another mix gets a folder
     # of its own, and the scores kept for the older one still point at that one
@@ -344,7 +385,13 @@ def _mix_name(solution, recipe_version: str = "") -> str:
     """A name for the output a solution describes: the hash of its formats and removed layers (and of the form of
     the recipe that writes it, when the target versions it)."""
     what = [solution.formats, solution.removed] + ([recipe_version] if recipe_version else [])
+    what += [["mlp", solution.mlp_channels]] if solution.mlp_channels else []
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cut_name(cuts: WidthCuts, channels: int) -> str:
+    """A file name for the original cut to `channels` on `cuts`' windows."""
+    return f"mlp{channels}-" + hashlib.sha256(cuts.key(channels).encode()).hexdigest()[:8]
 
 
 def _score_slimlm(settings, target, solution, folder: Path, loaded) -> dict:
@@ -357,10 +404,11 @@ def _score_slimlm(settings, target, solution, folder: Path, loaded) -> dict:
     data = target.recipe(
         solution.formats,
         settings.model,
-        {"data": settings.calib_data, "samples": settings.fit_samples, "seq_len": settings.fit_seq_len, "seed": 1},
+        fit_calibration(settings),
         {"tasks": ["wikitext2"], "seq_len": 512, "limit": settings.eval_chunks, "speed": False},
         folder,
         tuple(solution.removed),
+        solution.mlp_channels,
     )
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "recipe.yaml").write_text(yaml.safe_dump(data, sort_keys=False))

@@ -14,7 +14,8 @@ forward pass each (thousands for a 30-layer model): instead
   directions the Hessian weighs least, which the layers after it amplify more (benchmarks/auto_proxy_check.py:
   carried from RTN's ratio, down_proj's GPTQ/EoRA options were priced 1.5-2.7x too low; within a family the ratio
   holds). Options with no output error (the original's own values) cost 0.
-- the embedding (tied to the LM head) and each "remove this layer" get the real KL of every option.
+- the embedding (tied to the LM head), each "remove this layer" and each MLP width (widths.py) get the real KL
+  of every option.
 
 Every measurement is appended to a JSON-lines file keyed by the model's weights hash, the calibration settings and
 the target, one complete line per figure (flushed and fsynced): a killed run leaves every figure measured so far,
@@ -92,11 +93,14 @@ class CostCache:
 
 @dataclass
 class Costs:
-    """costs[i][j] of items[i]'s option j; removal[layer]: the KL with that decoder layer left out."""
+    """costs[i][j] of items[i]'s option j; removal[layer]: the KL with that decoder layer left out; widths[n]: the
+    KL with every layer's MLP cut to n of its `intermediate` channels."""
 
     items: list[Item]
     costs: list[list[float]]
     removal: dict[int, float] = field(default_factory=dict)
+    widths: dict[int, float] = field(default_factory=dict)
+    intermediate: int = 0
     new_figures: int = 0  # figures measured by this run (the others came from the cache)
 
 
@@ -125,11 +129,14 @@ def _carried(kl_ref: float, error_ref: float, error: float) -> float:
     return kl_ref * error / error_ref
 
 
-def measure(probe: Probe, items: list[Item], cache: CostCache, removable: list[int] = ()) -> Costs:
-    """Every item's costs and every removable layer's KL, with progress and an ETA."""
+def measure(
+    probe: Probe, items: list[Item], cache: CostCache, removable: list[int] = (), cuts=None, widths: list[int] = ()
+) -> Costs:
+    """Every item's costs, every removable layer's KL and every MLP width's (`cuts`: widths.WidthCuts), with
+    progress and an ETA."""
     before = len(cache.values)
     costs = []
-    with progress_bar("auto: sensitivity", total=len(items) + len(removable)) as advance:
+    with progress_bar("auto: sensitivity", total=len(items) + len(removable) + len(widths)) as advance:
         for item in items:
             costs.append(item_costs(probe, item, cache))
             advance(description=f"auto: sensitivity ({item.name})")
@@ -137,7 +144,12 @@ def measure(probe: Probe, items: list[Item], cache: CostCache, removable: list[i
         for layer in removable:
             removal[layer] = cache.get(f"skip|{layer}", lambda layer=layer: probe.kl(skip=frozenset({layer})))
             advance(description=f"auto: sensitivity (remove layer {layer})")
-    return Costs(items, costs, removal, len(cache.values) - before)
+        cut = {}
+        for channels in widths:
+            cut[channels] = cache.get(cuts.key(channels), lambda n=channels: probe.kl(cuts.weights(n)()))
+            advance(description=f"auto: sensitivity (MLP width {channels})")
+    intermediate = cuts.intermediate if cuts else 0
+    return Costs(items, costs, removal, cut, intermediate, new_figures=len(cache.values) - before)
 
 
 __all__ = ["EMBEDDING", "CostCache", "Costs", "Item", "Option", "item_costs", "measure"]

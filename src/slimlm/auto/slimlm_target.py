@@ -40,6 +40,7 @@ import torch
 
 from slimlm.auto.latency import LatencyModel, cached
 from slimlm.auto.sensitivity import Item, Option
+from slimlm.auto.widths import width_stage
 from slimlm.lowrank.factorize import eora_factors
 from slimlm.modules import SHORT_NAMES, decoder_layers, named_decoder_linears
 from slimlm.progress import progress_bar
@@ -201,6 +202,11 @@ class SlimlmTarget:
             dense - len(removed) * per_layer + (tensors - len(removed) * per_layer_tensors) * _HEADER_PER_TENSOR
         )
 
+    @staticmethod
+    def width_step(intermediate: int) -> int:
+        """MLP widths are cut to multiples of this: down_proj keeps every group size its full rows allow."""
+        return max((g for g in GROUPS if intermediate % g == 0), default=GROUPS[0])
+
     def recipe(
         self,
         formats: dict[str, str],
@@ -209,11 +215,14 @@ class SlimlmTarget:
         evaluate: dict,
         output: Path,
         removed: tuple[int, ...] = (),
+        mlp_channels: int | None = None,
     ) -> dict:
-        """The recipe (as YAML data) that removes the `removed` decoder layers, then quantizes every projection kind
-        to its format: one quantize stage per quantizer, RTN first (so that GPTQ's walk sees those Linears rounded
-        and compensates for them), each projection on its own grid (per_projection), then the EoRA corrections."""
-        stages = [{"prune_depth": {"layers": sorted(removed)}}] if removed else []
+        """The recipe (as YAML data) that cuts the MLP to `mlp_channels` (on the full model, as the search measured
+        it) and removes the `removed` decoder layers, then quantizes every projection kind to its format: one
+        quantize stage per quantizer, RTN first (so that GPTQ's walk sees those Linears rounded and compensates for
+        them), each projection on its own grid (per_projection), then the EoRA corrections."""
+        stages = [width_stage(mlp_channels)] if mlp_channels else []
+        stages += [{"prune_depth": {"layers": sorted(removed)}}] if removed else []
         by_method: dict[str, dict[str, tuple[int, int]]] = {}
         compensated: dict[int, list[str]] = {}
         for short, name in formats.items():

@@ -162,16 +162,12 @@ def _needed_stats(config, plan: WidthPlan) -> list[str]:
     return [name for name, cut in ((OUTPUT, plan.heads < heads), (DOWN, plan.channels < channels)) if cut]
 
 
-@register_stage("prune_width", WidthOptions, produces=frozenset({RESHAPED}))
-@torch.no_grad()
-def prune_width(model, options: WidthOptions, context):
-    """Remove the least important MLP channels and attention heads (Wanda-style scores); a smaller dense model."""
-    require_materialized(model, "width pruning")
+def cut_widths(model, plan: WidthPlan, windows, gqa: str = "within_groups", description: str = "prune_width"):
+    """Cut every decoder layer of `model` (in place) to `plan`'s widths, each layer scored on `windows` as they reach
+    it through the layers already cut (one calibration walk), and write the widths into its config."""
     config = model.config
-    plan = plan_widths(config, options)
     names = _needed_stats(config, plan)
-    params_before = count_parameters(model)
-    channels_before, heads_before, kv_heads_before = config_widths(config)
+    _, _, kv_heads_before = config_widths(config)
     head_dim = attention_head_dim(config)
     changes = width_config_changes(config, plan.channels, plan.heads, plan.kv_heads)
 
@@ -183,12 +179,29 @@ def prune_width(model, options: WidthOptions, context):
         if OUTPUT in stats:
             head_scores = output_contribution(layer.get_submodule(OUTPUT), stats[OUTPUT])
             head_scores = head_scores.view(-1, head_dim).sum(dim=1)
-            query, kv = heads_to_keep(head_scores, kv_heads_before, plan, options.gqa)
+            query, kv = heads_to_keep(head_scores, kv_heads_before, plan, gqa)
             keep_attention_heads(layer, query, kv)
 
     if names:
-        walk_layers(model, context.calibration.windows(model, context.notes), cut_layer, description="prune_width")
+        walk_layers(model, windows, cut_layer, description=description)
     set_widths(config, changes)
+    return model
+
+
+@register_stage("prune_width", WidthOptions, produces=frozenset({RESHAPED}))
+@torch.no_grad()
+def prune_width(model, options: WidthOptions, context):
+    """Remove the least important MLP channels and attention heads (Wanda-style scores); a smaller dense model."""
+    require_materialized(model, "width pruning")
+    config = model.config
+    plan = plan_widths(config, options)
+    params_before = count_parameters(model)
+    channels_before, heads_before, kv_heads_before = config_widths(config)
+    head_dim = attention_head_dim(config)
+    if _needed_stats(config, plan):
+        cut_widths(model, plan, context.calibration.windows(model, context.notes), options.gqa)
+    else:
+        set_widths(config, width_config_changes(config, plan.channels, plan.heads, plan.kv_heads))
     context.notes.append(
         f"prune_width: kept {plan.channels} of {channels_before} MLP channels, {plan.heads} of {heads_before} "
         f"query heads and {plan.kv_heads} of {kv_heads_before} KV heads in every layer (gqa: {options.gqa}; "
