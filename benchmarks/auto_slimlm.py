@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=8)
     parser.add_argument("--candidates", type=int, default=3)
     parser.add_argument("--uniform", default=",".join(UNIFORM), help="uniform formats scored beside the candidates")
+    parser.add_argument("--mlp-keep", default="", help="MLP widths the search may cut to (fractions); results key +mlp")
     parser.add_argument("--work", type=Path, default=Path("/tmp/slimlm-auto-slimlm"))
     parser.add_argument("--out", type=Path, default=RESULTS / "auto_slimlm.json")
     args = parser.parse_args()
@@ -73,6 +74,7 @@ def main() -> None:
             work=str(args.work / "shared"),
             resume=True,
             baselines=args.uniform.split(","),
+            mlp_keep=[float(x) for x in args.mlp_keep.split(",") if x],
         )
         # a folder per budget and settings: a rerun with other --candidates or --uniform starts its own (resuming a
         # folder of other settings is refused); the rows they share are reused through the work folder's scores
@@ -82,7 +84,8 @@ def main() -> None:
         resource = summary["budget"]["resource"]
         key = "decode_ms_per_token" if resource == "ms_per_token" else "bytes"
         rows = summary["rows"]
-        results["budgets"][name] = {
+        key_name = f"{name}+mlp" if settings.mlp_keep else name
+        results["budgets"][key_name] = {
             "budget_text": settings.budget,
             "resource": resource,
             "search": summary["search"],
@@ -97,18 +100,18 @@ def main() -> None:
             "report": str(Path(settings.output) / "report.md"),
         }
         write_json_atomic(args.out, results)
-        _print(name, results["budgets"][name])
+        _print(key_name, results["budgets"][key_name])
 
 
 def _print(name: str, entry: dict) -> None:
     print(f"\n## {name}: {entry['budget_text']} (load {entry['loadavg_1min_before']:.1f})")
-    print(f"{'row':14s} {'bytes':>10s} {'ppl':>8s} {'KL':>8s} {'ms/tok':>7s} {'removed':>8s}  formats")
+    print(f"{'row':14s} {'bytes':>10s} {'ppl':>8s} {'KL':>8s} {'ms/tok':>7s} {'removed':>8s} {'MLP':>5s}  formats")
     for r in entry["rows"]:
         formats = ",".join(f"{k}={v}" for k, v in (r.get("formats") or {}).items()) if r["label"][0] == "c" else ""
         removed = ",".join(map(str, r.get("removed") or [])) or "—"
         print(
             f"{r['label']:14s} {r['bytes']:>10d} {r['ppl']:>8.3f} {r['kld']:>8.4f} "
-            f"{r.get('decode_ms_per_token') or 0:>7.2f} {removed:>8s}  {formats}"
+            f"{r.get('decode_ms_per_token') or 0:>7.2f} {removed:>8s} {r.get('mlp_channels') or 'all':>5}  {formats}"
         )
     s, u = entry["searched"], entry["uniform"]
     if s and u:

@@ -44,7 +44,7 @@ def main() -> None:
         model="smollm2-135m", budget="1GB", target=args.target, output=output, work=args.work, mlp_keep=keep
     )
     target = _target(settings, loaded, Path(output))
-    costs, cache = sensitivity_costs(settings, loaded, target, width_cuts(settings, loaded))
+    costs, cache = sensitivity_costs(settings, loaded, target, width_cuts(settings, loaded, target))
     size = _resources(target, costs, decode=False)["bytes"]
     if args.target == "gguf":
         budgets = GGUF_BUDGETS
@@ -58,10 +58,8 @@ def main() -> None:
         full = allocate(_without_widths(costs), amount, size, max_removed=4, count=1)
         rows[name] = {"bytes": amount, "width_searched": _describe(with_width), "full_width": _describe(full)}
         w, f = rows[name]["width_searched"], rows[name]["full_width"]
-        print(
-            f"{name:>16} | {amount:>11} | proxy {_kl(w)} channels {w and w['mlp_channels']} removed {w and w['removed']}"
-            f" | proxy {_kl(f)} removed {f and f['removed']}"
-        )
+        cut = f"channels {w and w['mlp_channels']} removed {w and w['removed']}"
+        print(f"{name:>16} | {amount:>11} | proxy {_kl(w)} {cut} | proxy {_kl(f)} removed {f and f['removed']}")
     result = {
         "target": args.target,
         "mlp_keep": keep,
@@ -86,7 +84,12 @@ def _describe(solutions) -> dict | None:
     if not solutions:
         return None
     best = solutions[0]
-    return {"proxy_kl": best.proxy, "mlp_channels": best.mlp_channels, "removed": list(best.removed), "bytes": best.bytes}
+    return {
+        "proxy_kl": best.proxy,
+        "mlp_channels": best.mlp_channels,
+        "removed": list(best.removed),
+        "bytes": best.bytes,
+    }
 
 
 def _kl(row: dict | None) -> str:

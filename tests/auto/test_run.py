@@ -74,6 +74,8 @@ def test_a_budget_below_the_smallest_output_is_one_line(tiny_model_dir, tmp_path
             ["--budget", "70MB", "--recover", "1000", "--max-removed", "0"],
             "error: --recover: distillation recovers removed layers, and --max-removed 0 removes none",
         ),
+        (["--budget", "70MB", "--mlp-keep", "most"], "error: --mlp-keep 'most': give fractions of the MLP's channels"),
+        (["--budget", "70MB", "--mlp-keep", "0.8,1.5"], "error: --mlp-keep 1.5: give fractions of the MLP's channels"),
     ],
 )
 def test_cli_refuses_bad_values_in_one_line(args, expected):

@@ -10,6 +10,7 @@ from slimlm.auto.probe import Probe
 from slimlm.auto.sensitivity import Costs, Item, Option
 from slimlm.auto.slimlm_target import SlimlmTarget
 from slimlm.auto.widths import WidthCuts, width_counts, width_share, width_stage
+from slimlm.errors import SlimlmError
 from slimlm.modules import config_widths
 from slimlm.recipe import parse_recipe
 
@@ -50,9 +51,10 @@ def test_the_cut_the_probe_measures_is_the_recipes_prune_width():
     torch.manual_seed(0)
     model = build_tiny_llama(64, layers=2).eval()
     windows = torch.randint(0, 64, (2, 16))
-    cuts = WidthCuts(model, windows, {"data": "c4", "samples": 2, "seq_len": 16, "seed": 1})
+    cuts = WidthCuts(model, windows, {"data": "c4", "samples": 2, "seq_len": 16, "seed": 1}, [0.5, 0.25], 32)
     intermediate = config_widths(model.config)[0]
     channels = intermediate // 2
+    assert cuts.counts == [channels, 32]
     weights = cuts.weights(channels)()
     assert weights["model.layers.1.mlp.down_proj"].shape == (model.config.hidden_size, channels)
     assert weights["model.layers.0.mlp.gate_proj"].shape == (channels, model.config.hidden_size)
@@ -74,3 +76,11 @@ def test_the_slimlm_recipe_cuts_the_mlp_before_removing_layers_and_quantizing(tm
     assert data["stages"][0] == {"prune_width": {"mlp_keep": 32}}
     parse_recipe(data)  # the stages follow one another (a cut model is quantized like any other)
     assert target.width_step(1536) == 128 and target.width_step(96) == 32  # down_proj keeps its group sizes
+
+
+def test_fractions_that_leave_no_width_are_one_clear_error():
+    model = build_tiny_llama(64, layers=1)
+    with pytest.raises(
+        SlimlmError, match=r"--mlp-keep 0.9: no width below the MLP's 128 channels is a multiple of 256"
+    ):
+        WidthCuts(model, torch.zeros(1, 4, dtype=torch.long), {}, [0.9], 256)

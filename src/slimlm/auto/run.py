@@ -19,9 +19,10 @@ from slimlm.auto.budget import parse_budget
 from slimlm.auto.probe import Probe, input_hessians
 from slimlm.auto.recover import REMOVAL_KL_LEFT, recovered_rows
 from slimlm.auto.sensitivity import CostCache, Costs, measure
-from slimlm.auto.widths import WidthCuts, width_counts
+from slimlm.auto.widths import WidthCuts
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import parameter_counts
+from slimlm.modules import config_widths
 from slimlm.paths import cache_dir, shared_data_dir
 from slimlm.pipeline import write_json_atomic
 from slimlm.progress import progress_bar
@@ -124,7 +125,7 @@ def run_auto(settings: AutoSettings) -> dict:
     target = _target(settings, loaded, out)
     parameters = parameter_counts(model)["total"]
     limit = budget.amount(parameters)
-    cuts = width_cuts(settings, loaded)
+    cuts = width_cuts(settings, loaded, target)
     costs, cache = sensitivity_costs(settings, loaded, target, cuts)
     resources = _resources(target, costs, settings.decode)
     search_cpu, search_wall = time.process_time() - started[0], time.perf_counter() - started[1]
@@ -183,16 +184,12 @@ def fit_calibration(settings: AutoSettings) -> dict:
     return {"data": settings.calib_data, "samples": settings.fit_samples, "seq_len": settings.fit_seq_len, "seed": 1}
 
 
-def width_cuts(settings: AutoSettings, loaded) -> WidthCuts | None:
+def width_cuts(settings: AutoSettings, loaded, target) -> WidthCuts | None:
     """The original's MLP cuts, fitted to the recipe's calibration windows (None when the width is not searched)."""
     if not settings.mlp_keep:
         return None
-    from slimlm.data import calibration_windows, load_text
-
-    calibration = fit_calibration(settings)
-    text = load_text(settings.calib_data)
-    windows = calibration_windows(loaded.tokenizer, text, settings.fit_samples, settings.fit_seq_len, 1)
-    return WidthCuts(loaded.model, windows, calibration)
+    step = target.width_step(config_widths(loaded.model.config)[0])
+    return WidthCuts.fitted(loaded.model, loaded.tokenizer, fit_calibration(settings), settings.mlp_keep, step)
 
 
 def sensitivity_costs(settings: AutoSettings, loaded, target, cuts: WidthCuts | None = None) -> tuple[Costs, CostCache]:
@@ -218,15 +215,7 @@ def sensitivity_costs(settings: AutoSettings, loaded, target, cuts: WidthCuts | 
         items = target.items(probe, input_hessians(loaded.model, fit))
     else:
         items = target.items(probe)
-    widths = []
-    if cuts is not None:
-        widths = width_counts(cuts.intermediate, settings.mlp_keep, target.width_step(cuts.intermediate))
-        if not widths:
-            raise SlimlmError(
-                f"--mlp-keep {','.join(map(str, settings.mlp_keep))}: no width below the MLP's {cuts.intermediate} "
-                f"channels is a multiple of {target.width_step(cuts.intermediate)} (the {target.name} target's step)"
-            )
-    return measure(probe, items, cache, removable, cuts, widths), cache
+    return measure(probe, items, cache, removable, cuts), cache
 
 
 def _check_recover(settings: AutoSettings) -> None:

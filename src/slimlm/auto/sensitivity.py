@@ -129,11 +129,10 @@ def _carried(kl_ref: float, error_ref: float, error: float) -> float:
     return kl_ref * error / error_ref
 
 
-def measure(
-    probe: Probe, items: list[Item], cache: CostCache, removable: list[int] = (), cuts=None, widths: list[int] = ()
-) -> Costs:
+def measure(probe: Probe, items: list[Item], cache: CostCache, removable: list[int] = (), cuts=None) -> Costs:
     """Every item's costs, every removable layer's KL and every MLP width's (`cuts`: widths.WidthCuts), with
     progress and an ETA."""
+    widths = cuts.counts if cuts else []
     before = len(cache.values)
     costs = []
     with progress_bar("auto: sensitivity", total=len(items) + len(removable) + len(widths)) as advance:

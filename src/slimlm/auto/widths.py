@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from slimlm.errors import SlimlmError
 from slimlm.modules import MLP_PROJECTIONS, config_widths, decoder_layers, short_name
 from slimlm.prune.width import WidthPlan, cut_widths
 
@@ -42,13 +43,31 @@ def width_share(item_name: str, channels: int | None, intermediate: int) -> floa
 
 
 class WidthCuts:
-    """The original cut to each width on the recipe's calibration windows: its MLP weights for the probe, the
-    cut model for a target's export, and the recipe stage that makes it."""
+    """The widths searched (`counts`: `fractions` of the MLP rounded down to multiples of `step`) and the original
+    cut to each on the recipe's calibration windows: its MLP weights for the probe, the cut model for a target's
+    export."""
 
-    def __init__(self, model: nn.Module, windows: torch.Tensor, calibration: dict):
+    def __init__(self, model: nn.Module, windows: torch.Tensor, calibration: dict, fractions, step: int):
         self.model, self.windows, self.calibration = model, windows, calibration
         self.intermediate = config_widths(model.config)[0]
+        self.counts = width_counts(self.intermediate, fractions, step)
+        if not self.counts:
+            raise SlimlmError(
+                f"--mlp-keep {','.join(map(str, fractions))}: no width below the MLP's {self.intermediate} channels "
+                f"is a multiple of {step} (the target's step: the formats the full width allows)"
+            )
         self._cut: dict[int, nn.Module] = {}
+
+    @classmethod
+    def fitted(cls, model: nn.Module, tokenizer, calibration: dict, fractions, step: int) -> WidthCuts:
+        """Cuts fitted to the windows `calibration` (a recipe's calibration: data, samples, seq_len, seed) names."""
+        from slimlm.data import calibration_windows, load_text
+
+        text = load_text(calibration["data"])
+        windows = calibration_windows(
+            tokenizer, text, calibration["samples"], calibration["seq_len"], calibration["seed"]
+        )
+        return cls(model, windows, calibration, fractions, step)
 
     def cut(self, channels: int) -> nn.Module:
         """A copy of the model with every layer at `channels` MLP channels (made once per width)."""
