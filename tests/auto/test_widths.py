@@ -84,3 +84,20 @@ def test_fractions_that_leave_no_width_are_one_clear_error():
         SlimlmError, match=r"--mlp-keep 0.9: no width below the MLP's 128 channels is a multiple of 256"
     ):
         WidthCuts(model, torch.zeros(1, 4, dtype=torch.long), {}, [0.9], 256)
+
+
+def test_a_recovered_candidate_is_cut_as_its_unrecovered_file(tmp_path):
+    from slimlm.auto.recover import recovery_recipe
+
+    calibration = {"data": "c4", "samples": 2, "seq_len": 16, "seed": 1}
+    formats = {"model.layers.0.mlp.down_proj": "Q4_0", "model.layers.2.mlp.up_proj": "Q8_0"}
+    data = recovery_recipe("m", formats, [1], 4096, tmp_path, width=(64, calibration))
+    assert [next(iter(s)) for s in data["stages"]] == ["prune_width", "prune_depth", "distill"]
+    assert data["stages"][0] == {"prune_width": {"mlp_keep": 64}} and data["calibration"] == calibration
+    assert data["export"][0]["tensor_types"] == {
+        "model.layers.0.mlp.down_proj": "Q4_0",
+        "model.layers.1.mlp.up_proj": "Q8_0",
+    }
+    parse_recipe(data)
+    plain = recovery_recipe("m", formats, [1], 4096, tmp_path)
+    assert "calibration" not in plain and [next(iter(s)) for s in plain["stages"]] == ["prune_depth", "distill"]

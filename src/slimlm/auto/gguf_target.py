@@ -14,7 +14,10 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+
+from torch import nn
 
 from slimlm.auto.latency import LatencyModel, cached_figures, decode_figures, matrix_params
 from slimlm.auto.sensitivity import Item, Option
@@ -108,14 +111,14 @@ class GGUFTarget:
             source or self.f32, path, self.gguf_names(formats), removed=frozenset(removed), threads=self.threads
         )
 
-    def source(self, cut, name: str) -> Path:
-        """The f32 GGUF of `cut` (the original with its MLP cut, widths.WidthCuts), kept as <work>/cut/<name>.gguf
-        for every mix at that width."""
+    def source(self, cut: Callable[[], nn.Module], name: str) -> Path:
+        """The f32 GGUF of `cut()` (the original with its MLP cut, widths.WidthCuts.cut), kept as
+        <work>/cut/<name>.gguf for every mix at that width (made only when that file is missing)."""
         path = self.work / "cut" / f"{name}.gguf"
         if not path.is_file():
             from slimlm.export.gguf import export_gguf
 
-            export_gguf(cut, self.tokenizer, path, dtype="f32")  # atomic: the complete file or none
+            export_gguf(cut(), self.tokenizer, path, dtype="f32")  # atomic: the complete file or none
         return path
 
     def llama_type(self, type_name: str, path: Path) -> Path:

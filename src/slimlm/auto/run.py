@@ -360,7 +360,8 @@ def _score(settings, target, label: str, solution, out: Path, loaded, cuts=None)
             path = target.work / "mixes" / f"{_mix_name(solution)}.gguf"
             if not path.is_file():
                 channels = solution.mlp_channels
-                source = target.source(cuts.cut(channels), _cut_name(cuts, channels)) if channels else None
+                cut = lambda: cuts.cut(channels)  # noqa: E731
+                source = target.source(cut, _cut_name(cuts, channels)) if channels else None
                 target.write(solution.formats, solution.removed, path, source)
         return target.score(path, text, settings.eval_chunks) | {"path": str(path)}
     # the label for people, what it holds for SharedScores: a rerun whose "candidate 1" is another mix gets a folder

@@ -56,7 +56,7 @@ class WidthCuts:
                 f"--mlp-keep {','.join(map(str, fractions))}: no width below the MLP's {self.intermediate} channels "
                 f"is a multiple of {step} (the target's step: the formats the full width allows)"
             )
-        self._cut: dict[int, nn.Module] = {}
+        self._cut: tuple[int, nn.Module] | None = None  # the last cut made: one model copy held at a time
 
     @classmethod
     def fitted(cls, model: nn.Module, tokenizer, calibration: dict, fractions, step: int) -> WidthCuts:
@@ -70,15 +70,17 @@ class WidthCuts:
         return cls(model, windows, calibration, fractions, step)
 
     def cut(self, channels: int) -> nn.Module:
-        """A copy of the model with every layer at `channels` MLP channels (made once per width)."""
-        if channels not in self._cut:
+        """A copy of the model with every layer at `channels` MLP channels (the last one made is kept: the probe
+        measures the widths one after the other, and the candidates at one width are written one after another)."""
+        if self._cut is None or self._cut[0] != channels:
+            self._cut = None  # the previous copy goes before the next is made
             _, heads, kv_heads = config_widths(self.model.config)
             plan = WidthPlan(channels, heads, kv_heads, heads // kv_heads)
             cut = copy.deepcopy(self.model)
             with torch.no_grad():
                 cut_widths(cut, plan, self.windows, description=f"auto: MLP width {channels}")
-            self._cut[channels] = cut
-        return self._cut[channels]
+            self._cut = (channels, cut)
+        return self._cut[1]
 
     def weights(self, channels: int) -> Callable[[], dict[str, torch.Tensor]]:
         """module name -> cut weight of every MLP projection (Probe.kl puts them in place of the original's)."""
