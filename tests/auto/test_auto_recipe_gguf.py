@@ -28,6 +28,23 @@ def model_dir(tmp_path_factory):
     return path
 
 
+def _settings(model_dir, tmp_path, **given) -> AutoSettings:
+    return AutoSettings(
+        model=str(model_dir),
+        budget="4.4MB",  # between uniform Q4_0 (3.6 MB, the vocabulary's metadata included) and Q8_0 (5.2 MB)
+        target="gguf",
+        output=str(tmp_path / "auto"),
+        candidates=2,
+        calib_data=write_documents(tmp_path),
+        calib_samples=2,
+        calib_seq_len=16,
+        eval_chunks=1,
+        baselines=["Q8_0"],
+        decode=False,  # decode timing is tested in test_run_gguf.py; here only the recipe matters
+        **given,
+    )
+
+
 def _tensors(path) -> dict[str, tuple[str, bytes]]:
     return {t.name: (t.tensor_type.name, t.data.tobytes()) for t in gguf.GGUFReader(path).tensors}
 
@@ -37,21 +54,7 @@ def test_the_recipe_auto_writes_makes_its_model_gguf(model_dir, tmp_path, monkey
     # the solution with a layer removed, so the recipe carries prune_layers too (the search keeps one among its two)
     monkeypatch.setattr(report, "chosen_row", lambda rows, budget: next(r for r in rows if r.get("removed")))
     out = tmp_path / "auto"
-    settings = AutoSettings(
-        model=str(model_dir),
-        budget="4.4MB",  # between uniform Q4_0 (3.6 MB, the vocabulary's metadata included) and Q8_0 (5.2 MB)
-        target="gguf",
-        output=str(out),
-        candidates=2,
-        max_removed=1,
-        calib_data=write_documents(tmp_path),
-        calib_samples=2,
-        calib_seq_len=16,
-        eval_chunks=1,
-        baselines=["Q8_0"],
-        decode=False,  # decode timing is tested in test_run_gguf.py; here only the recipe matters
-    )
-    summary = run_auto(settings)
+    summary = run_auto(_settings(model_dir, tmp_path, max_removed=1))
     best = next(r for r in summary["rows"] if r["label"] == summary["best"])
 
     data = yaml.safe_load((out / "recipe.yaml").read_text())
@@ -80,23 +83,7 @@ def test_a_searched_mlp_cut_goes_into_the_gguf_and_its_recipe(model_dir, tmp_pat
     monkeypatch.setattr(run_module, "measure", measure_with_free_cuts)
     monkeypatch.setattr(report, "chosen_row", lambda rows, budget: next(r for r in rows if r.get("mlp_channels")))
     out = tmp_path / "auto"
-    settings = AutoSettings(
-        model=str(model_dir),
-        budget="4.4MB",
-        target="gguf",
-        output=str(out),
-        candidates=2,
-        max_removed=0,
-        calib_data=write_documents(tmp_path),
-        calib_samples=2,
-        calib_seq_len=16,
-        fit_samples=2,
-        fit_seq_len=16,
-        eval_chunks=1,
-        baselines=["Q8_0"],
-        decode=False,
-        mlp_keep=[0.5],
-    )
+    settings = _settings(model_dir, tmp_path, max_removed=0, fit_samples=2, fit_seq_len=16, mlp_keep=[0.5])
     summary = run_auto(settings)
     assert summary["search"]["mlp_widths"] == {"64": 0.0}  # 128 channels, cut to multiples of 32
     best = next(r for r in summary["rows"] if r["label"] == summary["best"])
