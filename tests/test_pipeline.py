@@ -47,6 +47,16 @@ def test_recipe_writes_a_reloadable_model_and_a_side_by_side_report(tiny_model_d
     assert summary["stages"][0]["notes"]
 
 
+def test_evaluate_after_the_last_stage_only_scores_the_result(tiny_model_dir, tmp_path):
+    recipe = _recipe(tiny_model_dir, tmp_path / "run", [{"prune": {"sparsity": 0.3}}, {"prune": {"sparsity": 0.6}}])
+    recipe.evaluate.after = "last_stage"
+    summary = run_recipe(recipe)
+    first, last = ({r["metric"] for r in stage["records"]} for stage in summary["stages"])
+    assert "perplexity" not in first and "size_on_disk" in first  # saved and sized, not scored
+    assert {"perplexity", "kl_divergence"} <= last
+    assert "02-prune" in (tmp_path / "run" / "report.md").read_text()
+
+
 def test_original_evaluation_is_cached_between_runs(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("SLIMLM_CACHE_DIR", str(tmp_path / "cache"))
     first = run_recipe(_recipe(tiny_model_dir, tmp_path / "a", [{"prune": {"sparsity": 0.3}}]))

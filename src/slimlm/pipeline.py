@@ -1,4 +1,5 @@
-"""Run a recipe: evaluate the original (cached), apply each stage, save and evaluate after each, write the report.
+"""Run a recipe: evaluate the original (cached), apply each stage, save and evaluate after each (or after the last
+only: `evaluate.after`), write the report.
 
 Layout of the output folder::
 
@@ -151,7 +152,8 @@ def _link_final_model(stage_folder: Path, final: Path) -> None:
 
 
 def _disk_records(folder: str | Path) -> list[Record]:
-    """Size on disk of a model folder, for a streamed run, which cannot evaluate the whole model."""
+    """Size on disk of a model folder: for a streamed run, which cannot evaluate the whole model, and the stages
+    before the last under `evaluate.after: last_stage`."""
     from slimlm.evaluate.footprint import size_on_disk, weight_files
 
     protocol = {"path": str(folder), "files": [f.name for f in weight_files(folder)]}
@@ -268,7 +270,10 @@ class Pipeline:
             records = []  # rank 0 saves and evaluates the stage; the others go on to the next one
         else:
             save_model(model, loaded.tokenizer, folder, extra_json={STAGE_META_FILE: meta})
-            records = evaluate_measured(model, loaded.tokenizer, self.recipe.evaluate, loaded.model, folder)
+            if self.recipe.evaluate.after == "every_stage" or index == len(self.recipe.stages):
+                records = evaluate_measured(model, loaded.tokenizer, self.recipe.evaluate, loaded.model, folder)
+            else:
+                records = _disk_records(folder)
         records.append(peak_memory_record(peak, "stage"))
         state.completed.append(
             {

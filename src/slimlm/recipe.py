@@ -44,6 +44,9 @@ class EvaluateConfig(_Strict):
     # per downstream task: prompt, chat_template, num_fewshot, fewshot_as_multiturn; overrides the measured
     # defaults of evaluate/tasks.py (DEFAULT_PROTOCOLS)
     task_protocols: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    # every_stage: each stage's model is scored (the report's curve over the recipe); last_stage: only the final
+    # one (the others get their size on disk), for runs that only want the result (slimlm auto's candidates)
+    after: Literal["every_stage", "last_stage"] = "every_stage"
 
 
 class Stage(_Strict):

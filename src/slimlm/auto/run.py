@@ -395,7 +395,8 @@ def _score_slimlm(settings, target, solution, folder: Path, loaded) -> dict:
         solution.formats,
         settings.model,
         fit_calibration(settings),
-        {"tasks": ["wikitext2"], "seq_len": 512, "limit": settings.eval_chunks, "speed": False},
+        # only the final model is scored: a candidate's stages (cut, removal, quantizers) are not compared
+        {"tasks": ["wikitext2"], "seq_len": 512, "limit": settings.eval_chunks, "speed": False, "after": "last_stage"},
         folder,
         tuple(solution.removed),
         solution.mlp_channels,
