@@ -76,7 +76,7 @@ class AutoSettings:
         for name, unset in (("recover", None), ("mlp_keep", [])):  # runs from before these keep their fingerprint
             if data[name] == unset:
                 data.pop(name)
-        if self.target != "slimlm":  # unused there (and runs from before them keep their fingerprint)
+        if self.target != "slimlm" and not self.mlp_keep:  # unused (runs from before them keep their fingerprint)
             data.pop("fit_samples")
             data.pop("fit_seq_len")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
@@ -357,7 +357,7 @@ def _score(settings, target, label: str, solution, out: Path, loaded, cuts=None)
             path = target.llama_type(label.split()[-1], target.work / "llama" / f"{label.split()[-1]}.gguf")
         else:
             # named by what it holds, in the shared work folder: a mix another budget's run wrote is reused
-            path = target.work / "mixes" / f"{_mix_name(solution)}.gguf"
+            path = target.work / "mixes" / f"{_mix_name(solution, cuts=cuts)}.gguf"
             if not path.is_file():
                 channels = solution.mlp_channels
                 cut = lambda: cuts.cut(channels)  # noqa: E731
@@ -367,15 +367,15 @@ def _score(settings, target, label: str, solution, out: Path, loaded, cuts=None)
     # the label for people, what it holds for SharedScores: a rerun whose "candidate 1" is another mix gets a folder
     # of its own, and the scores kept for the older one still point at that one
     slug = label.replace(" ", "-").replace(".", "")
-    mix = _mix_name(solution, target.recipe_version)[:8]
+    mix = _mix_name(solution, target.recipe_version, cuts)[:8]
     return _score_slimlm(settings, target, solution, out / "runs" / f"{slug}-{mix}", loaded)
 
 
-def _mix_name(solution, recipe_version: str = "") -> str:
+def _mix_name(solution, recipe_version: str = "", cuts: WidthCuts | None = None) -> str:
     """A name for the output a solution describes: the hash of its formats and removed layers (and of the form of
-    the recipe that writes it, when the target versions it)."""
+    the recipe that writes it, when the target versions it; of its MLP cut and the windows fitting it, when cut)."""
     what = [solution.formats, solution.removed] + ([recipe_version] if recipe_version else [])
-    what += [["mlp", solution.mlp_channels]] if solution.mlp_channels else []
+    what += [["mlp", cuts.key(solution.mlp_channels)]] if solution.mlp_channels else []
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
