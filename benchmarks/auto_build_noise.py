@@ -38,6 +38,7 @@ def build(recipe_path: Path, seed: int, folder: Path) -> dict:
     data = yaml.safe_load(recipe_path.read_text())
     data["calibration"]["seed"] = seed
     data["output"] = str(folder)
+    data["evaluate"]["after"] = "last_stage"  # the final model's score is the one compared (recipes of older runs)
     load, started = os.getloadavg()[0], time.perf_counter()
     summary = run_recipe(parse_recipe(data, str(recipe_path)))
     records = {(r["task"], r["metric"]): r for r in summary["stages"][-1]["records"]}
