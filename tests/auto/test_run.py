@@ -12,7 +12,8 @@ import yaml
 
 from conftest import write_documents
 from slimlm.auto.allocate import Solution
-from slimlm.auto.run import AutoSettings, SharedScores, run_auto
+from slimlm.auto.run import AutoSettings, run_auto
+from slimlm.auto.shared_scores import SharedScores
 from slimlm.errors import SlimlmError
 
 

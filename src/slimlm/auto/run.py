@@ -19,6 +19,7 @@ from slimlm.auto.budget import parse_budget
 from slimlm.auto.probe import Probe, input_hessians
 from slimlm.auto.recover import REMOVAL_KL_LEFT, recovered_rows
 from slimlm.auto.sensitivity import CostCache, Costs, measure
+from slimlm.auto.shared_scores import SharedScores
 from slimlm.auto.widths import WidthCuts
 from slimlm.errors import SlimlmError
 from slimlm.evaluate.footprint import parameter_counts
@@ -321,33 +322,6 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded, c
             rows.append(row | figures)
             advance(description=f"auto: scoring ({label})")
     return rows
-
-
-class SharedScores:
-    """Scores kept in the shared work folder (`--work`), so that runs at other budgets reuse the rows they have in
-    common (the uniform and llama.cpp baselines): keyed by the row and the settings its score depends on, kept only
-    while the scored file or folder exists. Without `--work`: nothing kept."""
-
-    SCORED_BY = ("model", "target", "calib_data", "fit_samples", "fit_seq_len", "eval_chunks", "recover")
-
-    def __init__(self, settings: AutoSettings):
-        self.path = Path(settings.work) / "scores.json" if settings.work else None
-        self.settings = {name: getattr(settings, name) for name in self.SCORED_BY}
-        self.scores = json.loads(self.path.read_text()) if self.path and self.path.is_file() else {}
-
-    def _key(self, row: dict) -> str:
-        return hashlib.sha256(json.dumps([self.settings, row], sort_keys=True).encode()).hexdigest()[:16]
-
-    def get(self, row: dict) -> dict | None:
-        found = self.scores.get(self._key(row))
-        return found if found and Path(found["path"]).exists() else None
-
-    def put(self, row: dict, figures: dict) -> dict:
-        if self.path is not None:
-            self.scores[self._key(row)] = figures
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(self.path, self.scores)
-        return figures
 
 
 def _score(settings, target, label: str, solution, out: Path, loaded, cuts=None) -> dict:
