@@ -168,7 +168,7 @@ def run_auto(settings: AutoSettings) -> dict:
             "calibration": f"{settings.calib_samples} x {settings.calib_seq_len} tokens of {settings.calib_data}",
         },
         "rows": rows,
-        "width_calibration": fit_calibration(settings) if cuts else None,
+        "width_calibration": cuts.calibration if cuts else None,
     }
     if settings.recover:
         summary["recovery"] = _recovery_summary(settings, rows)
@@ -212,7 +212,12 @@ def sensitivity_costs(settings: AutoSettings, loaded, target, cuts: WidthCuts | 
     cache = CostCache(cache_dir() / "auto" / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.jsonl")
     removable = list(range(probe.layers)) if settings.max_removed else []
     if fitted:  # GPTQ and EoRA fit to windows of their own (seed 1): their error is measured out of sample
-        fit = calibration_windows(loaded.tokenizer, text, settings.fit_samples, settings.fit_seq_len, 1)
+        # the MLP cuts were fitted to these same windows: not tokenized again
+        fit = (
+            cuts.windows
+            if cuts is not None
+            else calibration_windows(loaded.tokenizer, text, settings.fit_samples, settings.fit_seq_len, 1)
+        )
         items = target.items(probe, input_hessians(loaded.model, fit))
     else:
         items = target.items(probe)

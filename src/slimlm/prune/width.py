@@ -198,10 +198,9 @@ def prune_width(model, options: WidthOptions, context):
     params_before = count_parameters(model)
     channels_before, heads_before, kv_heads_before = config_widths(config)
     head_dim = attention_head_dim(config)
-    if _needed_stats(config, plan):
-        cut_widths(model, plan, context.calibration.windows(model, context.notes), options.gqa)
-    else:
-        set_widths(config, width_config_changes(config, plan.channels, plan.heads, plan.kv_heads))
+    # calibration windows only when a unit is scored (a plan that cuts nothing only rewrites the config)
+    windows = context.calibration.windows(model, context.notes) if _needed_stats(config, plan) else None
+    cut_widths(model, plan, windows, options.gqa)
     context.notes.append(
         f"prune_width: kept {plan.channels} of {channels_before} MLP channels, {plan.heads} of {heads_before} "
         f"query heads and {plan.kv_heads} of {kv_heads_before} KV heads in every layer (gqa: {options.gqa}; "
