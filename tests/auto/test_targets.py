@@ -15,6 +15,7 @@ from slimlm.auto.widths import width_share
 from slimlm.evaluate.footprint import size_on_disk
 from slimlm.lowrank.layers import CompensatedLinear
 from slimlm.models import save_model
+from slimlm.modules import config_widths, decoder_layers
 from slimlm.quantize.gptq import GPTQ
 from slimlm.quantize.grid import QuantGrid
 from slimlm.recipe import parse_recipe
@@ -140,10 +141,18 @@ def test_slimlm_latency_model_times_packed_models_and_prices_groups(tiny_model, 
     assert (tmp_path / "auto" / "latency.json").read_text() == kept  # read back, not timed again
 
     save_model(tiny_model, tiny_tokenizer, tmp_path / "model")
-    figures = target.decode(tmp_path / "model", {item.name: "w4g64" for item in target.items()})
+    row = {"formats": {item.name: "w4g64" for item in target.items()}}
+    figures = target.decode(tmp_path / "model", row)
     assert figures["decode_ms_per_token"] > 0 and "plain path" in figures["decode_protocol"]
     at_w4g64 = [target.item_latency(i)[[o.name for o in i.options].index("w4g64")] for i in target.items()]
     assert figures["predicted_ms_per_token"] == pytest.approx(sum(at_w4g64))
+    # a row that removes a layer and cuts the MLP is predicted as the knapsack priced it: the layers and channels kept
+    layers, intermediate = len(decoder_layers(tiny_model)), config_widths(tiny_model.config)[0]
+    cut = row | {"removed": [1], "mlp_channels": intermediate // 2}
+    shares = [(1 - 1 / layers) * width_share(i.name, intermediate // 2, intermediate) for i in target.items()]
+    assert target.decode(tmp_path / "model", cut)["predicted_ms_per_token"] == pytest.approx(
+        sum(ms * share for ms, share in zip(at_w4g64, shares, strict=True))
+    )
 
 
 def test_gptq_options_come_with_a_probe_and_beat_rtn_on_output_error(tiny_model):

@@ -147,9 +147,9 @@ class GGUFTarget:
         # the key's old form (no settings suffix) kept: the scores of earlier runs stay valid
         return cached_figures(self.work / "scores.json", path, str(chunks), measure)
 
-    def decode(self, path: Path, formats: dict[str, str] | None = None) -> dict:
+    def decode(self, path: Path, row: dict | None = None) -> dict:
         """llama-bench's decode speed of `path` (latency.decode_figures, kept in <work>/latency.json) and the
-        latency model's prediction for it (from the file's own tensor types: `formats` is not needed)."""
+        latency model's prediction for it (from the file's own tensors: the row is not needed)."""
         figures = decode_figures(path, self.work / "latency.json", self.threads)
         predicted = self.latency_model().predict(matrix_params(path))
         return figures | {"predicted_ms_per_token": predicted}

@@ -113,7 +113,7 @@ def recovered_rows(
                 save_state()
             figures = state["scores"][key]
             if settings.decode:
-                figures = figures | target.decode(Path(figures["path"]), row["formats"])
+                figures = figures | target.decode(Path(figures["path"]), row)
             found.append(
                 {
                     "label": f"{row['label']} + recovery",

@@ -323,7 +323,7 @@ def _score_all(settings, target, solutions, uniform, state, out: Path, loaded, c
                 write_json_atomic(out / "state.json", state)
             figures = state["scores"][key]
             if settings.decode:  # kept by file in the work folder (gguf) or the output (slimlm): resumed rows get it
-                figures = figures | target.decode(Path(figures["path"]), row.get("formats"))
+                figures = figures | target.decode(Path(figures["path"]), row)
             rows.append(row | figures)
             advance(description=f"auto: scoring ({label})")
     return rows

@@ -40,9 +40,9 @@ import torch
 
 from slimlm.auto.latency import LatencyModel, cached
 from slimlm.auto.sensitivity import Item, Option
-from slimlm.auto.widths import width_stage
+from slimlm.auto.widths import width_share, width_stage
 from slimlm.lowrank.factorize import eora_factors
-from slimlm.modules import SHORT_NAMES, decoder_layers, named_decoder_linears
+from slimlm.modules import SHORT_NAMES, config_widths, decoder_layers, named_decoder_linears
 from slimlm.progress import progress_bar
 from slimlm.quantize.gptq import GPTQ, GPTQOptions, per_head_solve
 from slimlm.quantize.grid import QuantGrid, quantize_codes
@@ -272,20 +272,24 @@ class SlimlmTarget:
             for o in item.options
         ]
 
-    def decode(self, path: Path, formats: dict[str, str] | None = None) -> dict:
-        """slimlm's decode speed of the model saved in `path`, and the latency model's prediction for `formats`."""
+    def decode(self, path: Path, row: dict | None = None) -> dict:
+        """slimlm's decode speed of the model saved in `path`, and the latency model's prediction for the row's
+        formats, scaled as the knapsack scales them to the layers and MLP channels the row keeps."""
         from slimlm.models import load_model
 
         config = (Path(path) / "config.json").stat()  # rewritten with the folder: a new folder is timed again
         key = f"folder|{Path(path).resolve()}|{config.st_mtime_ns}"
         figures = self._figures(key, lambda: load_model(str(path)).model)
         predicted = None
-        if formats:
+        if row and row.get("formats"):
+            layers = len(decoder_layers(self.model))
+            kept = 1 - len(row.get("removed", ())) / layers
             composition: dict[str, int] = {}
-            for short, name in formats.items():
+            for short, name in row["formats"].items():
+                share = kept * width_share(short, row.get("mlp_channels"), config_widths(self.model.config)[0])
                 kernel = kernel_format(name)
-                composition[kernel] = composition.get(kernel, 0) + self._group_params(short)
-                extra = lowrank_params(name, self._members(short))
+                composition[kernel] = composition.get(kernel, 0) + share * self._group_params(short)
+                extra = share * lowrank_params(name, self._members(short))
                 composition[self.dtype] = composition.get(self.dtype, 0) + extra
             predicted = self.latency_model().predict(composition)
         return figures | {"predicted_ms_per_token": predicted}
