@@ -264,13 +264,14 @@ class SlimlmTarget:
         return sum(linear.weight.numel() for _, linear in self.linears)
 
     def item_latency(self, item: Item) -> list[float]:
-        """Each option's ms/token: its packed format's rate, and an EoRA correction's factors at the dense rate."""
-        params, model = self._group_params(item.name), self.latency_model()
-        members = self._members(item.name)
-        return [
-            model.item_ms(params, kernel_format(o.name)) + model.item_ms(lowrank_params(o.name, members), self.dtype)
-            for o in item.options
-        ]
+        return [self._option_ms(item.name, o.name) for o in item.options]
+
+    def _option_ms(self, short: str, name: str) -> float:
+        """ms/token of every layer's `short` projection at option `name`: its packed format's rate, and an EoRA
+        correction's factors at the dense rate."""
+        model = self.latency_model()
+        lowrank = lowrank_params(name, self._members(short))
+        return model.item_ms(self._group_params(short), kernel_format(name)) + model.item_ms(lowrank, self.dtype)
 
     def decode(self, path: Path, row: dict | None = None) -> dict:
         """slimlm's decode speed of the model saved in `path`, and the latency model's prediction for the row's
@@ -281,17 +282,14 @@ class SlimlmTarget:
         key = f"folder|{Path(path).resolve()}|{config.st_mtime_ns}"
         figures = self._figures(key, lambda: load_model(str(path)).model)
         predicted = None
-        if row and row.get("formats"):
-            layers = len(decoder_layers(self.model))
-            kept = 1 - len(row.get("removed", ())) / layers
-            composition: dict[str, int] = {}
-            for short, name in row["formats"].items():
-                share = kept * width_share(short, row.get("mlp_channels"), config_widths(self.model.config)[0])
-                kernel = kernel_format(name)
-                composition[kernel] = composition.get(kernel, 0) + share * self._group_params(short)
-                extra = share * lowrank_params(name, self._members(short))
-                composition[self.dtype] = composition.get(self.dtype, 0) + extra
-            predicted = self.latency_model().predict(composition)
+        formats = (row or {}).get("formats") or {}
+        if formats and {kernel_format(name) for name in formats.values()} <= set(self.latency_model().rates):
+            kept = 1 - len(row.get("removed", ())) / len(decoder_layers(self.model))
+            channels, intermediate = row.get("mlp_channels"), config_widths(self.model.config)[0]
+            predicted = sum(
+                kept * width_share(short, channels, intermediate) * self._option_ms(short, name)
+                for short, name in formats.items()
+            )
         return figures | {"predicted_ms_per_token": predicted}
 
     def _uniform(self, name: str, groups: list[str]):
