@@ -30,8 +30,13 @@ against the teacher on the first `--kl-windows` of them; SST-2 (Review template,
 protocols of slimlm.evaluate.tasks.
 
 Each finished run is written atomically to results/recovery/<row>__seed<k>.json; a run whose file exists is skipped,
-so the benchmark can be stopped and continued by a later session. `--table` aggregates whatever exists (mean ±
-sample standard deviation over seeds, n per row), prints the table and writes results/recovery.json.
+so the benchmark can be stopped and continued by a later session. A run stopped part-way resumes too: its training
+checkpoints every `--checkpoint-every` steps into `--work-dir`/<row>__seed<k>/ (the trainer restores weights,
+optimizer, schedule, RNG and data position, so the resumed run sees the batches an uninterrupted one would), and
+the trained model is saved there before evaluation; the folder is removed once the result is written.
+
+`--table` (recovery_table.py) aggregates whatever exists (mean ± sample standard deviation over seeds, n per row),
+prints the table and writes results/recovery.json.
 
     python benchmarks/recovery.py --rows no-recovery,lm-finetune,kd-logits --seeds 0,1,2
     python benchmarks/recovery.py --table
@@ -41,99 +46,33 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
-import math
 import os
-import statistics
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from common import RESULTS
+from recovery_rows import INTERMEDIATE, PRUNE, REFERENCE_ROWS, RUNS, budget, row_specs, run_path, training_steps
+from recovery_table import table
 from slimlm.calibration import Calibration
 from slimlm.data import calibration_windows, load_text
 from slimlm.evaluate.machine import machine_info
 from slimlm.evaluate.perplexity import ReferenceLogits, perplexity_records
-from slimlm.evaluate.tasks import DEFAULT_PROTOCOLS, run_tasks
+from slimlm.evaluate.tasks import run_tasks
 from slimlm.models import load_model, save_model
 from slimlm.modules import decoder_layers
+from slimlm.paths import cache_dir
 from slimlm.recipe import CalibrationConfig
 from slimlm.recover.metrics import read_metrics
 from slimlm.recover.teacher_text import HELD_APART
 from slimlm.registry import StageContext, get_stage
 from slimlm.report import atomic_write
-
-RUNS = RESULTS / "recovery"
-PRUNE = ("prune_depth", {"remove": 8, "criterion": "block_influence"})
-INTERMEDIATE = ("prune_depth", {"remove": 4, "criterion": "block_influence"})  # 26 layers: the assistant teacher
-REFERENCE_ROWS = ("teacher", "no-recovery")
-ADAPTIVE_ROWS = ("kd-temp-schedule", "kd-loss-mix", "kd-teacher-gap")
-
-
-def row_specs(args) -> dict[str, tuple[str, str | None, dict]]:
-    """key → (label, recovery stage, its options without the shared training settings)."""
-    kd = {"loss": {"kl": 1.0}, "lr": args.lr}
-    text = {"seed": 0, "batch_size": 16}  # task rows: one greedy answer per held-apart prompt
-    return {
-        "teacher": ("teacher (dense, 30 layers)", None, {}),
-        "no-recovery": ("no recovery (22 layers)", None, {}),
-        "lm-finetune": ("LM fine-tune", "distill", {"loss": {"kl": 0.0, "lm": 1.0}, "lr": args.lr}),
-        "lora": ("LoRA r8 (lm)", "lora", {"rank": 8, "alpha": 16.0, "loss": "lm", "lr": args.lora_lr}),
-        "kd-logits": ("KD logits", "distill", kd),
-        "kd-hidden": ("KD logits + hidden", "distill", {**kd, "loss": {"kl": 1.0, "hidden": 0.01}}),
-        "on-policy": ("KD on-policy λ=0.5", "distill", {**kd, "on_policy": 0.5}),
-        "black-box": (
-            "black-box (teacher text, lm)",
-            "distill",
-            {
-                "loss": {"kl": 0.0, "lm": 1.0},
-                "lr": args.lr,
-                "teacher_text": {
-                    **text,
-                    "prompts": "c4",
-                    "samples": args.text_samples,
-                    "prompt_tokens": 32,
-                    "max_new_tokens": 224,
-                    "temperature": 1.0,
-                    "top_p": 0.95,
-                },
-            },
-        ),
-        "kd-temp-schedule": (
-            "KD τ 2→1 cosine",
-            "distill",
-            {**kd, "temperature": {"start": 2.0, "end": 1.0, "schedule": "cosine"}},
-        ),
-        "kd-loss-mix": (
-            "KD forward→reverse KL",
-            "distill",
-            {**kd, "loss_mix": {"end": {"kl": 0.0, "reverse_kl": 1.0}, "schedule": "linear"}},
-        ),
-        "kd-teacher-gap": (
-            "KD 2 teachers, gap-weighted",
-            "distill",
-            {**kd, "teacher": ["original", "INTERMEDIATE"], "teacher_weighting": "gap"},
-        ),
-        "task-sst2": (
-            "task KD SST-2",
-            "distill",
-            {**kd, "teacher_text": {**text, "prompts": "sst2", "temperature": 0.0}},
-        ),
-        "task-triviaqa": (
-            "task KD TriviaQA",
-            "distill",
-            {**kd, "teacher_text": {**text, "prompts": "triviaqa", "max_new_tokens": 16, "temperature": 0.0}},
-        ),
-    }
-
-
-def training_steps(args) -> int:
-    return max(1, args.train_tokens // (args.batch_size * args.seq_len))
 
 
 class RecoveryRunner:
@@ -147,7 +86,6 @@ class RecoveryRunner:
         self.calib_windows = calibration_windows(self.tokenizer, load_text("c4"), 16, 2048, 0)
         self.wikitext = load_text("wikitext2")
         self.reference = ReferenceLogits(self.teacher, keep=True)  # only the --kl-windows are ever scored with it
-        self.scratch = Path(tempfile.mkdtemp(prefix="slimlm-recovery-"))
         self._student = None
         self._intermediate = None
 
@@ -157,7 +95,7 @@ class RecoveryRunner:
 
     def _pruned(self, stage: tuple[str, dict]):
         spec = get_stage(stage[0])
-        with tempfile.TemporaryDirectory(dir=self.scratch) as folder:
+        with tempfile.TemporaryDirectory() as folder:
             model = spec.apply(
                 copy.deepcopy(self.teacher), spec.options_model(stage[1]).model_validate(stage[1]), self.context(folder)
             )
@@ -171,10 +109,12 @@ class RecoveryRunner:
         return self._student
 
     def intermediate_folder(self) -> str:
-        """The 26-layer assistant teacher, saved once per process (distill loads a teacher from a folder)."""
+        """The 26-layer assistant teacher, saved once in the work folder (distill loads a teacher from a folder; a
+        fixed path keeps a resumed kd-teacher-gap run's options, hence its checkpoint folder, the same)."""
         if self._intermediate is None:
-            self._intermediate = self.scratch / "intermediate-26"
-            save_model(self._pruned(INTERMEDIATE), self.tokenizer, self._intermediate)
+            self._intermediate = self.args.work_dir / "intermediate-26"
+            if not (self._intermediate / "config.json").is_file():  # pruning is deterministic: an earlier save is it
+                save_model(self._pruned(INTERMEDIATE), self.tokenizer, self._intermediate)
         return str(self._intermediate)
 
     def training_options(self, seed: int) -> dict:
@@ -185,41 +125,55 @@ class RecoveryRunner:
             "seq_len": self.args.seq_len,
             "warmup": min(steps // 10, steps - 1),
             "data": "c4",
-            "checkpoint_every": 0,
+            "checkpoint_every": self.args.checkpoint_every,
             "seed": seed,
         }
 
-    def train(self, stage: str, options: dict, seed: int) -> tuple[torch.nn.Module, dict]:
+    def run_folder(self, key: str, seed: int) -> Path:
+        """Checkpoints of the run's training, then its trained model until the result is written (main removes it)."""
+        return self.args.work_dir / f"{key}__seed{seed}"
+
+    def train(self, key: str, stage: str, options: dict, seed: int) -> tuple[torch.nn.Module, dict]:
+        """Train the row, resuming from the newest checkpoint an earlier (stopped) process left in the run folder; a
+        model an earlier process trained but did not get to evaluate is loaded instead of trained again."""
+        folder = self.run_folder(key, seed)
+        trained, saved_info = folder / "trained", folder / "train_info.json"
+        if trained.is_dir() and saved_info.is_file():
+            print(f"{key} seed {seed}: trained by an earlier process, evaluating {trained}", file=sys.stderr)
+            return load_model(str(trained)).model.requires_grad_(False), json.loads(saved_info.read_text())
         options = {**self.training_options(seed), **options}
         if "teacher" in options:
             options["teacher"] = [self.intermediate_folder() if t == "INTERMEDIATE" else t for t in options["teacher"]]
         spec = get_stage(stage)
-        with tempfile.TemporaryDirectory(dir=self.scratch) as folder:
-            context = self.context(Path(folder))
-            torch.manual_seed(seed)  # LoRA's adapter init draws from the global generator before training seeds it
-            with torch.enable_grad():
-                wall, cpu = time.perf_counter(), time.process_time()
-                model = spec.apply(
-                    copy.deepcopy(self.student()), spec.options_model(options).model_validate(options), context
-                )
-                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-            records = [r for path in sorted(Path(folder).glob("*/metrics.jsonl")) for r in read_metrics(path)]
+        context = self.context(folder / "stage")
+        student = copy.deepcopy(self.student())  # pruned before the clock starts: the wall is the training's own
+        torch.manual_seed(seed)  # LoRA's adapter init draws from the global generator before training seeds it
+        with torch.enable_grad():
+            wall, cpu = time.perf_counter(), time.process_time()
+            model = spec.apply(student, spec.options_model(options).model_validate(options), context)
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        records = [r for path in sorted((folder / "stage").glob("*/metrics.jsonl")) for r in read_metrics(path)]
         model.eval().requires_grad_(False)
+        earlier = earlier_segments_s(records)
         steps = len(records)
-        tokens = steps * options["batch_size"] * options["seq_len"]
         info = {
             "stage": stage,
             "options": options,
             "notes": context.notes,
             "train_steps": steps,
-            "train_tokens": tokens,
-            "train_wall_s": wall,
-            "train_cpu_s": cpu,
+            "train_tokens": steps * options["batch_size"] * options["seq_len"],
+            # a resumed run: this process's wall + the kept steps' time of the processes before it (their set-up and
+            # the steps after their last checkpoint are not counted); their CPU time is unknown
+            "train_wall_s": wall + sum(earlier),
+            "train_cpu_s": None if earlier else cpu,
+            "resumed_segments_s": earlier,
             "train_tokens_per_s": records[-1]["tokens_per_s"] if records else None,
             "train_loss_first": records[0]["loss"] if records else None,
             "train_loss_last": records[-1]["loss"] if records else None,
             "train_log": [{k: r[k] for k in r if k != "time"} for r in records[:: max(1, steps // 50)]],
         }
+        save_model(model, self.tokenizer, trained)  # an evaluation cut short does not cost the training
+        atomic_write(saved_info, json.dumps(info, indent=2, default=str).encode())
         return model, info
 
     def evaluate(self, model) -> dict:
@@ -247,7 +201,7 @@ class RecoveryRunner:
         elif key == "no-recovery":
             model, info = self.student(), {"train_tokens": 0}
         else:
-            model, info = self.train(stage, options, seed)
+            model, info = self.train(key, stage, options, seed)
         result = {"row": key, "label": label, "seed": seed, **info, **self.evaluate(model)}
         result.update(
             load_average_before=load_before,
@@ -259,170 +213,11 @@ class RecoveryRunner:
         return result
 
 
-def budget(args) -> dict:
-    steps = training_steps(args)
-    return {
-        "train_tokens": steps * args.batch_size * args.seq_len,
-        "steps": steps,
-        "batch_size": args.batch_size,
-        "seq_len": args.seq_len,
-        "lr": args.lr,
-        "lora_lr": args.lora_lr,
-        "train_data": "c4",
-        "eval_windows": args.eval_windows,
-        "kl_windows": args.kl_windows,
-        "sst2_limit": args.sst2_limit,
-        "triviaqa_limit": args.triviaqa_limit,
-    }
-
-
-def run_path(folder: Path, key: str, seed: int) -> Path:
-    return folder / f"{key}__seed{seed}.json"
-
-
-# --- the table ------------------------------------------------------------------------------------------------
-
-COLUMNS = (
-    ("perplexity", "ppl", ".2f"),
-    ("kl_divergence", "KL", ".3f"),
-    ("top1_agreement", "top-1", ".3f"),
-    ("sst2:acc", "SST-2 acc", ".3f"),
-    ("triviaqa:exact_match", "TriviaQA EM", ".3f"),
-)
-
-
-def _stats(values: list[float]) -> dict:
-    values = [v for v in values if v is not None]
-    if not values:
-        return {"mean": None, "sd": None, "n": 0}
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return {"mean": statistics.fmean(values), "sd": sd, "n": len(values), "values": values}
-
-
-def aggregate(runs: list[dict]) -> dict:
-    rows: dict[str, dict] = {}
-    for run in sorted(runs, key=lambda r: (r["row"], r["seed"])):
-        rows.setdefault(run["row"], {"label": run["label"], "runs": []})["runs"].append(run)
-    for row in rows.values():
-        runs_ = row.pop("runs")
-        row["seeds"] = [r["seed"] for r in runs_]
-        row["train_tokens"] = runs_[0].get("train_tokens")
-        row["metrics"] = {m: _stats([r["metrics"].get(m) for r in runs_]) for m, _, _ in COLUMNS}
-        row["train_wall_s"] = _stats([r.get("train_wall_s") for r in runs_])
-        row["train_cpu_s"] = _stats([r.get("train_cpu_s") for r in runs_])
-        row["eval_cpu_s"] = _stats([r.get("eval_cpu_s") for r in runs_])
-        row["load_average"] = [r["load_average_before"][0] for r in runs_]
-        row["eval_stderr"] = {m: _mean_stderr(runs_, m) for m, _, _ in COLUMNS}
-    _loss_recovered(rows)
-    return rows
-
-
-def _mean_stderr(runs: list[dict], metric: str) -> float | None:
-    """lm-eval's standard error of a task metric (sampling of the evaluated documents), mean over the runs."""
-    task, _, name = metric.partition(":")
-    found = [
-        r["protocol"]["stderr"]
-        for run in runs
-        for r in run.get("records", [])
-        if r["task"] == task and r["metric"] == name and "stderr" in r["protocol"]
-    ]
-    return statistics.fmean(found) if found else None
-
-
-def _loss_recovered(rows: dict) -> None:
-    """Share of the WikiText-2 loss gap (log ppl) between the pruned student and the teacher that a row closes."""
-    try:
-        student = math.log(rows["no-recovery"]["metrics"]["perplexity"]["mean"])
-        teacher = math.log(rows["teacher"]["metrics"]["perplexity"]["mean"])
-    except (KeyError, TypeError):
-        return
-    for row in rows.values():
-        values = row["metrics"]["perplexity"].get("values", [])
-        row["loss_recovered"] = _stats([(student - math.log(v)) / (student - teacher) for v in values])
-
-
-def compare(rows: dict, a: str, b: str, metric: str) -> dict | None:
-    """Difference of means b − a and whether it exceeds twice its standard error from the seed spread."""
-    if a not in rows or b not in rows:
-        return None
-    x, y = rows[a]["metrics"][metric], rows[b]["metrics"][metric]
-    if not x["n"] or not y["n"]:
-        return None
-    se = math.sqrt(x["sd"] ** 2 / x["n"] + y["sd"] ** 2 / y["n"])
-    diff = y["mean"] - x["mean"]
-    errors = [rows[a]["eval_stderr"].get(metric), rows[b]["eval_stderr"].get(metric)]
-    eval_se = math.hypot(*errors) if None not in errors else None
-    return {
-        "a": a,
-        "b": b,
-        "metric": metric,
-        "diff": diff,
-        "seed_se": se,
-        "exceeds_2_seed_se": abs(diff) > 2 * se if se > 0 else None,  # None: no spread (a single run or identical)
-        "eval_se": eval_se,  # the tasks' document-sampling error, unpaired (conservative: the rows share documents)
-        "exceeds_2_eval_se": None if eval_se is None else abs(diff) > 2 * eval_se,
-    }
-
-
-def _cell(stats: dict, spec: str) -> str:
-    if not stats or stats.get("mean") is None:
-        return "—"
-    spread = f" ± {format(stats['sd'], spec)}" if stats["n"] > 1 else ""
-    return f"{format(stats['mean'], spec)}{spread}"
-
-
-def table(args) -> None:
-    runs = [json.loads(path.read_text()) for path in sorted(args.runs_dir.glob("*__seed*.json"))]
-    rows = aggregate(runs)
-    order = list(row_specs(args))
-    rows = dict(sorted(rows.items(), key=lambda item: order.index(item[0]) if item[0] in order else len(order)))
-    adaptive = {k: rows[k] for k in ADAPTIVE_ROWS if k in rows and rows[k]["metrics"]["perplexity"]["n"]}
-    best_adaptive = min(adaptive, key=lambda k: adaptive[k]["metrics"]["perplexity"]["mean"]) if adaptive else None
-    comparisons = [
-        compare(rows, a, b, metric)
-        for a, b in [("lm-finetune", "kd-logits"), ("no-recovery", "kd-logits"), ("no-recovery", "lm-finetune")]
-        + [("kd-logits", k) for k in ("kd-hidden", "on-policy", "black-box", "lora", *ADAPTIVE_ROWS)]
-        + [("kd-logits", "task-sst2"), ("kd-logits", "task-triviaqa")]
-        for metric in ("perplexity", "sst2:acc", "triviaqa:exact_match")
-    ]
-    comparisons = [c for c in comparisons if c is not None]
-    title = "Recovery of SmolLM2-135M depth-pruned 30 → 22 layers, trained on C4 (mean ± sd over seeds)"
-    out = Table(title=title)
-    for column in ("row", "n", "train tokens", *(c[1] for c in COLUMNS), "loss recovered", "train cpu s", "eval cpu s"):
-        out.add_column(column, overflow="fold")
-    for key, row in rows.items():
-        label = row["label"] + (" [best adaptive]" if key == best_adaptive else "")
-        out.add_row(
-            label,
-            str(row["metrics"]["perplexity"]["n"]),
-            f"{row['train_tokens']:,}" if row["train_tokens"] else "0",
-            *(_cell(row["metrics"][m], spec) for m, _, spec in COLUMNS),
-            _cell(row.get("loss_recovered"), ".2f"),
-            _cell(row["train_cpu_s"], ".0f"),
-            _cell(row["eval_cpu_s"], ".0f"),
-        )
-    console = Console(width=200)
-    console.print(out)
-    for c in comparisons:
-        seeds = {True: "beyond 2 SE", False: "within 2 SE", None: "no spread"}[c["exceeds_2_seed_se"]]
-        line = f"{c['b']} − {c['a']} on {c['metric']}: {c['diff']:+.4f}; seeds: SE {c['seed_se']:.4f}, {seeds}"
-        if c["eval_se"] is not None:
-            line += f"; documents: SE {c['eval_se']:.4f}, {'beyond' if c['exceeds_2_eval_se'] else 'within'} 2 SE"
-        console.print(line)
-    payload = {
-        "model": "smollm2-135m",
-        "student": {"prune": PRUNE, "layers": 22},
-        "train_data": "c4 (the shared 1,000-document sample); task rows: held-apart task slices",
-        "held_apart": {task: f"rows {start}.. of the task file" for task, start in HELD_APART.items()},
-        "protocols": {task: str(DEFAULT_PROTOCOLS[task]) for task in ("sst2", "triviaqa")},
-        "budget": runs[0]["budget"] if runs else None,
-        "best_adaptive": best_adaptive,
-        "machine": machine_info(),
-        "rows": rows,
-        "comparisons": comparisons,
-    }
-    atomic_write(args.out, json.dumps(payload, indent=2, default=str).encode())
-    print(f"wrote {args.out} from {len(runs)} runs", file=sys.stderr)
+def earlier_segments_s(records: list[dict]) -> list[float]:
+    """The step time of each process that trained before the current one: a resumed run's metrics restart their
+    `elapsed_s` clock, so each drop of it ends an earlier process's segment."""
+    ends = [a["elapsed_s"] for a, b in itertools.pairwise(records) if b["elapsed_s"] < a["elapsed_s"]]
+    return [round(e, 1) for e in ends]
 
 
 def claim(path: Path) -> bool:
@@ -465,6 +260,13 @@ def main() -> None:
     parser.add_argument("--sst2-limit", type=int, default=436)
     parser.add_argument("--triviaqa-limit", type=int, default=500)
     parser.add_argument("--runs-dir", type=Path, default=RUNS, help="where each (row, seed) JSON goes")
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=cache_dir() / "recovery-runs",
+        help="checkpoints and trained models of unfinished runs (a stopped run resumes from them)",
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=5, help="optimizer steps between checkpoints")
     parser.add_argument("--out", type=Path, default=RESULTS / "recovery.json", help="--table: the aggregate JSON")
     args = parser.parse_args()
     if args.table:
@@ -496,6 +298,7 @@ def main() -> None:
         try:
             result = runner.run(key, seed)
             atomic_write(path, json.dumps(result, indent=2, default=str).encode())
+            shutil.rmtree(runner.run_folder(key, seed), ignore_errors=True)
         finally:
             path.with_suffix(".claim").unlink(missing_ok=True)
         m = result["metrics"]
