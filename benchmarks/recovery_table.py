@@ -12,7 +12,7 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from recovery_rows import ADAPTIVE_ROWS, PRUNE, row_specs
+from recovery_rows import ADAPTIVE_ROWS, PRUNE, REFERENCE_ROWS, row_specs
 from slimlm.evaluate.machine import machine_info
 from slimlm.evaluate.tasks import DEFAULT_PROTOCOLS
 from slimlm.recover.teacher_text import HELD_APART
@@ -85,6 +85,8 @@ def compare(rows: dict, a: str, b: str, metric: str) -> dict | None:
     if not x["n"] or not y["n"]:
         return None
     se = math.sqrt(x["sd"] ** 2 / x["n"] + y["sd"] ** 2 / y["n"])
+    # a trained row at one seed has an unknown spread, not none (the reference rows are deterministic)
+    spread_known = all(rows[k]["metrics"][metric]["n"] > 1 or k in REFERENCE_ROWS for k in (a, b))
     diff = y["mean"] - x["mean"]
     errors = [rows[a]["eval_stderr"].get(metric), rows[b]["eval_stderr"].get(metric)]
     eval_se = math.hypot(*errors) if None not in errors else None
@@ -94,7 +96,7 @@ def compare(rows: dict, a: str, b: str, metric: str) -> dict | None:
         "metric": metric,
         "diff": diff,
         "seed_se": se,
-        "exceeds_2_seed_se": abs(diff) > 2 * se if se > 0 else None,  # None: no spread (a single run or identical)
+        "exceeds_2_seed_se": abs(diff) > 2 * se if spread_known else None,  # None: a row at one seed
         "eval_se": eval_se,  # the tasks' document-sampling error, unpaired (conservative: the rows share documents)
         "exceeds_2_eval_se": None if eval_se is None else abs(diff) > 2 * eval_se,
     }
@@ -119,7 +121,7 @@ def table(args) -> None:
         for a, b in [("lm-finetune", "kd-logits"), ("no-recovery", "kd-logits"), ("no-recovery", "lm-finetune")]
         + [("kd-logits", k) for k in ("kd-hidden", "on-policy", "black-box", "lora", *ADAPTIVE_ROWS)]
         + [("kd-logits", "task-sst2"), ("kd-logits", "task-triviaqa")]
-        for metric in ("perplexity", "sst2:acc", "triviaqa:exact_match")
+        for metric in ("perplexity", "kl_divergence", "sst2:acc", "triviaqa:exact_match")
     ]
     comparisons = [c for c in comparisons if c is not None]
     title = "Recovery of SmolLM2-135M depth-pruned 30 → 22 layers, trained on C4 (mean ± sd over seeds)"
@@ -140,7 +142,7 @@ def table(args) -> None:
     console = Console(width=200)
     console.print(out)
     for c in comparisons:
-        seeds = {True: "beyond 2 SE", False: "within 2 SE", None: "no spread"}[c["exceeds_2_seed_se"]]
+        seeds = {True: "beyond 2 SE", False: "within 2 SE", None: "spread unknown (one seed)"}[c["exceeds_2_seed_se"]]
         line = f"{c['b']} − {c['a']} on {c['metric']}: {c['diff']:+.4f}; seeds: SE {c['seed_se']:.4f}, {seeds}"
         if c["eval_se"] is not None:
             line += f"; documents: SE {c['eval_se']:.4f}, {'beyond' if c['exceeds_2_eval_se'] else 'within'} 2 SE"
