@@ -247,6 +247,7 @@ def main() -> None:
     parser.add_argument("--rows", help="comma-separated row keys, in the order to run (default: all)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--table", action="store_true", help="aggregate the finished runs and write recovery.json")
+    parser.add_argument("--markdown", action="store_true", help="--table: print the table as markdown")
     parser.add_argument("--train-tokens", type=int, default=81_920, help="training tokens of every trained row")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=4)

@@ -125,13 +125,10 @@ def table(args) -> None:
     ]
     comparisons = [c for c in comparisons if c is not None]
     title = "Recovery of SmolLM2-135M depth-pruned 30 → 22 layers, trained on C4 (mean ± sd over seeds)"
-    out = Table(title=title)
-    for column in ("row", "n", "train tokens", *(c[1] for c in COLUMNS), "loss recovered", "train cpu s", "eval cpu s"):
-        out.add_column(column, overflow="fold")
-    for key, row in rows.items():
-        label = row["label"] + (" [best adaptive]" if key == best_adaptive else "")
-        out.add_row(
-            label,
+    header = ("row", "n", "train tokens", *(c[1] for c in COLUMNS), "loss recovered", "train cpu s", "eval cpu s")
+    cells = [
+        (
+            row["label"] + (" [best adaptive]" if key == best_adaptive else ""),
             str(row["metrics"]["perplexity"]["n"]),
             f"{row['train_tokens']:,}" if row["train_tokens"] else "0",
             *(_cell(row["metrics"][m], spec) for m, _, spec in COLUMNS),
@@ -139,8 +136,18 @@ def table(args) -> None:
             _cell(row["train_cpu_s"], ".0f"),
             _cell(row["eval_cpu_s"], ".0f"),
         )
+        for key, row in rows.items()
+    ]
     console = Console(width=200)
-    console.print(out)
+    if getattr(args, "markdown", False):
+        print("\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *cells]))
+    else:
+        out = Table(title=title)
+        for column in header:
+            out.add_column(column, overflow="fold")
+        for line in cells:
+            out.add_row(*line)
+        console.print(out)
     for c in comparisons:
         seeds = {True: "beyond 2 SE", False: "within 2 SE", None: "spread unknown (one seed)"}[c["exceeds_2_seed_se"]]
         line = f"{c['b']} − {c['a']} on {c['metric']}: {c['diff']:+.4f}; seeds: SE {c['seed_se']:.4f}, {seeds}"
