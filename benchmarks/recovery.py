@@ -136,14 +136,18 @@ class RecoveryRunner:
     def train(self, key: str, stage: str, options: dict, seed: int) -> tuple[torch.nn.Module, dict]:
         """Train the row, resuming from the newest checkpoint an earlier (stopped) process left in the run folder; a
         model an earlier process trained but did not get to evaluate is loaded instead of trained again."""
-        folder = self.run_folder(key, seed)
-        trained, saved_info = folder / "trained", folder / "train_info.json"
-        if trained.is_dir() and saved_info.is_file():
-            print(f"{key} seed {seed}: trained by an earlier process, evaluating {trained}", file=sys.stderr)
-            return load_model(str(trained)).model.requires_grad_(False), json.loads(saved_info.read_text())
         options = {**self.training_options(seed), **options}
         if "teacher" in options:
             options["teacher"] = [self.intermediate_folder() if t == "INTERMEDIATE" else t for t in options["teacher"]]
+        folder = self.run_folder(key, seed)
+        trained, saved_info = folder / "trained", folder / "train_info.json"
+        if trained.is_dir() and saved_info.is_file():
+            info = json.loads(saved_info.read_text())
+            if info["options"] == json.loads(json.dumps(options)):
+                print(f"{key} seed {seed}: trained by an earlier process, evaluating {trained}", file=sys.stderr)
+                return load_model(str(trained)).model.requires_grad_(False), info
+            print(f"{key} seed {seed}: {trained} was trained with other options; training again", file=sys.stderr)
+            shutil.rmtree(trained)
         spec = get_stage(stage)
         context = self.context(folder / "stage")
         student = copy.deepcopy(self.student())  # pruned before the clock starts: the wall is the training's own
