@@ -139,7 +139,7 @@ def table(args) -> None:
         for key, row in rows.items()
     ]
     console = Console(width=200)
-    if getattr(args, "markdown", False):
+    if args.markdown:
         print("\n".join("| " + " | ".join(line) + " |" for line in [header, ["---"] * len(header), *cells]))
     else:
         out = Table(title=title)
