@@ -46,6 +46,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from llamacpp_common import gguf_facts, read_bandwidth
 from slimlm.data import load_text
 from slimlm.evaluate.machine import machine_info
 from slimlm.evaluate.perplexity import perplexity_records
@@ -58,7 +59,6 @@ from slimlm.quantize.packed import quantized_linears
 from slimlm.recipe import parse_recipe
 from slimlm.registry import StageContext, get_stage
 from slimlm.storage import kernel_summary
-from vs_llamacpp import gguf_facts, read_bandwidth
 
 MODEL = "smollm2-135m"
 
