@@ -1,6 +1,6 @@
-"""Every shipped recipe runs through `slimlm compress` on the built-in model (calibration and evaluation shrunk so
-the test takes minutes, not hours); every stage's saved model reloads through slimlm, and plain from_pretrained loads
-it too or refuses it (a folder of slimlm's own modules)."""
+"""Every shipped recipe runs through `slimlm compress` on the built-in model (calibration, evaluation, training steps
+and the teacher's text shrunk so the test takes minutes, not hours); every stage's saved model reloads through
+slimlm, and plain from_pretrained loads it too or refuses it (a folder of slimlm's own modules)."""
 
 import subprocess
 import sys
@@ -17,7 +17,22 @@ def _shrunk(recipe: Path, output: Path) -> dict:
     spec["calibration"] = {**spec.get("calibration", {}), "samples": 2, "seq_len": 128}
     spec["evaluate"] = {"tasks": ["wikitext2"], "seq_len": 256, "limit": 1, "speed": False}
     spec["output"] = str(output)
+    for stage in spec["stages"]:
+        for options in stage.values():
+            _shrink_training(options)
     return spec
+
+
+def _shrink_training(options: dict) -> None:
+    """At most 2 steps of 128-token windows; the teacher writes 8 continuations of at most 16 tokens (for task
+    prompts, 8 answers): the shipped budgets are what benchmarks/recovery.py measures, not what this test checks."""
+    if "steps" in options:
+        options["steps"] = min(options["steps"], 2)
+        options["seq_len"] = min(options.get("seq_len", 128), 128)
+    if options.get("teacher_text") is not None:
+        text = options["teacher_text"]
+        text["samples"] = 8
+        text["max_new_tokens"] = min(text.get("max_new_tokens", 16), 16)
 
 
 @pytest.mark.builtin
