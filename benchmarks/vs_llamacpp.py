@@ -222,6 +222,7 @@ class Bench:
         info_path = path.with_suffix(".json")
         if path.exists() and info_path.exists():
             return path, json.loads(info_path.read_text())
+        self.ensure_f32()  # the proxies' reference weights
         budget = budget_path.stat().st_size
         tiers = {bits: self.slim_model_file("gptq", bits, "q8_0")[0] for bits in (4, 5, 8)}
         loaded = self.dense()
