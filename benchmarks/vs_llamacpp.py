@@ -230,14 +230,14 @@ class Bench:
             weights = fisher_diagonal(loaded.model, self._windows, self.work / "fisher-diagonal.npz")
         else:
             weights = input_second_moments(loaded.model, self._windows, self.work / "input-second-moments.npz")
-        mix = write_mix(tiers, self.f32, weights, budget, path)
+        choice, proxy_totals = write_mix(tiers, self.f32, weights, budget, path)
         info = {
             "tool": "slimlm",
-            "mix": {"budget_from": budget_row, "budget_bytes": budget, **mix.pop("choice")},
+            "mix": {"budget_from": budget_row, "budget_bytes": budget, **choice},
             "proxy": PROXIES[proxy] + "; greedy upgrades by proxy drop per extra byte",
             "sources": {SLIM_TIER[b]: str(p) for b, p in tiers.items()},
             "post_process": "tensors spliced from the GPTQ GGUFs (token_embd Q8_0 by the exporter) by this script",
-            **mix,
+            **proxy_totals,
         }
         info_path.write_text(json.dumps(info, indent=2))
         return path, info

@@ -24,14 +24,14 @@ def decoder_linears(model) -> dict:
     """Every decoder Linear of `model` by the GGUF name of its weight (blk.N.attn_q.weight, ...), named by gguf-py's
     own tensor map, as the exporter names them."""
     import gguf
-    import torch
+
+    from slimlm.modules import named_decoder_linears
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    linears = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and ".layers." in name:
-            linears[names.get_name(f"{name}.weight", try_suffixes=(".weight",))] = module
-    return linears
+    return {
+        names.get_name(f"{name}.weight", try_suffixes=(".weight",)): module
+        for name, module in named_decoder_linears(model)
+    }
 
 
 def input_second_moments(model, windows, cache: Path) -> dict[str, np.ndarray]:
@@ -134,7 +134,9 @@ def choose_upgrades(errors: dict, sizes: dict, spend: int, budget: int) -> tuple
         spend += cost
 
 
-def write_mix(tiers: dict[int, Path], f32: Path, weights: dict[str, np.ndarray], budget: int, out: Path) -> dict:
+def write_mix(
+    tiers: dict[int, Path], f32: Path, weights: dict[str, np.ndarray], budget: int, out: Path
+) -> tuple[dict, dict]:
     """Write to `out` the 4-bit tier's GGUF with the chosen tensors spliced in from the other tiers, at most `budget`
     bytes (the last upgrades undone while the written file is larger). Returns the choice (types, upgraded tensors)
     and the proxy's totals (every tensor at each tier, and the mix)."""
@@ -151,11 +153,12 @@ def write_mix(tiers: dict[int, Path], f32: Path, weights: dict[str, np.ndarray],
             break
         name, previous, _ = order.pop()  # over budget: undo the last upgrade and write again
         chosen[name] = previous
-    return {
-        "choice": {
-            "tensor_types": dict(Counter(SLIM_TIER[b] for b in chosen.values())),
-            "upgraded": {n: SLIM_TIER[b] for n, b in chosen.items() if b != 4},
-        },
+    choice = {
+        "tensor_types": dict(Counter(SLIM_TIER[b] for b in chosen.values())),
+        "upgraded": {n: SLIM_TIER[b] for n, b in chosen.items() if b != 4},
+    }
+    proxy_totals = {
         "proxy_total": {SLIM_TIER[b]: sum(e[b] for e in errors.values()) for b in tiers},
         "proxy_mix": sum(errors[n][b] for n, b in chosen.items()),
     }
+    return choice, proxy_totals
